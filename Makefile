@@ -1,0 +1,48 @@
+# foca-bench. `make demo` and `make test` each work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN := $(PY) run.py
+N_VALUES ?= 3,5
+
+.PHONY: install demo test test-slow toy-model tables flops-dit clean-results
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# Plain PyPI torch: the CUDA build, which also runs on CPU-only machines.
+	$(VENV)/bin/pip install --quiet torch torchvision
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+# The default job: full compute, FoCa (both slope readings and the BDF2-only ablation), TaylorSeer, FORA and
+# reuse at N=3 and N=5 on the embedded toy_dit, then the Table-3-shaped table from the records.
+demo: install
+	$(RUN) -m method=none,reuse,fora,taylorseer,foca cache.N=$(N_VALUES)
+	$(RUN) -m method=foca cache.N=$(N_VALUES) cache.slope=full
+	$(RUN) -m method=foca cache.N=$(N_VALUES) cache.corrector=none
+	$(PY) -m foca_bench.tables
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+# Retrains the shipped checkpoints (seeded): the digit classifier (~20 s) and toy_dit (~20 min on 2 cores).
+toy-model: install
+	$(PY) -m foca_bench.train_toy
+
+tables: install
+	$(PY) -m foca_bench.tables
+
+# The paper's Table 3 FLOPs on the real DiT-XL/2 architecture, on the meta device (no weights needed).
+flops-dit: install
+	$(RUN) -m model=dit_xl_2 profile=flops_only method=none,foca cache.N=2,3,5
+	$(RUN) -m model=dit_xl_2 profile=flops_only method=none sampler.steps=25,20,12
+	$(PY) -m foca_bench.tables
+
+clean-results:
+	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/hydra

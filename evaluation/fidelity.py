@@ -1,0 +1,30 @@
+"""Fidelity of a cached run to the full-compute run with the same seeds: PSNR, SSIM (torchmetrics), relative L2."""
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from evaluation import metric
+
+
+@torch.no_grad()
+def fidelity(images: Tensor, reference: Tensor) -> dict:
+    """Args:
+        images, reference: (N, C, H, W) in [0, 1], sample i of both from the same seed.
+
+    Returns:
+        psnr (dB, None when identical), ssim, rel_l2 (mean over samples of ||x - ref|| / ||ref||).
+    """
+    if images.shape != reference.shape:
+        raise ValueError(f"images {tuple(images.shape)} and reference {tuple(reference.shape)} differ in shape.")
+    images, reference = images.double(), reference.double()
+    exact = torch.equal(images, reference)
+    psnr = None if exact else peak_signal_noise_ratio(images, reference, data_range=1.0)
+    ssim = structural_similarity_index_measure(images, reference, data_range=1.0)
+    diff = (images - reference).flatten(1).norm(dim=1)
+    rel_l2 = (diff / reference.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
+    return {
+        "psnr": metric(psnr, higher_is_better=True),
+        "ssim": metric(ssim, higher_is_better=True),
+        "rel_l2": metric(rel_l2, higher_is_better=False),
+    }

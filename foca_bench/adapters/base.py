@@ -1,0 +1,48 @@
+"""The adapter interface: load a model, list its cache sites, and generate with a caching engine."""
+
+from abc import ABC, abstractmethod
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from foca_bench.hooks import CacheEngine, Site
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Raised when a model's weights are not on this machine; the message says how to point at them."""
+
+
+class Adapter(ABC):
+    """Knows where the cache sites of one model family are and how its sampling loop runs.
+
+    Args:
+        cfg: the `model` config node.
+        device: torch device string.
+    """
+
+    def __init__(self, cfg: Any, device: str) -> None:
+        self.cfg = cfg
+        self.device = torch.device("meta") if cfg.weights == "meta" else torch.device(device)
+        self.dtype = getattr(torch, cfg.dtype)
+
+    @abstractmethod
+    def sites(self) -> list[Site]:
+        """Every cache site, in model order."""
+
+    @abstractmethod
+    def make_noise(self, seeds: list[int]) -> Tensor:
+        """Initial noise, one generator per sample seed, so a sample does not depend on its batch."""
+
+    @abstractmethod
+    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+        """Runs the sampling loop; returns latents (B, C, H, W)."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images (B, C, H, W) in [0, 1]."""
+
+    def provenance(self) -> dict:
+        """Sampler facts that change numbers (scheduler, guidance convention, TF32...), stored in records."""
+        return {}

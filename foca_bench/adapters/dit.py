@@ -1,0 +1,151 @@
+"""DiT adapter (arXiv:2212.09748): diffusers `DiTTransformer2DModel` with class-conditional DDIM + CFG.
+
+Serves `toy_dit` (the embedded digits model) and `dit_xl_2` (the paper's Table 3 model). Cache sites, as
+TaylorSeer's DiT code caches them: per `BasicTransformerBlock`, the self-attention output (`attn1`) and the
+feed-forward output (`ff`), both before adaLN-Zero gating and the residual add; plus the whole model output
+(`model`) for methods that reuse it. The sampling loop is diffusers' `DiTPipeline.__call__` with the caching
+engine's step context around the transformer call and DiT's optional 3-channel guidance.
+"""
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from foca_bench import ASSETS_DIR
+from foca_bench.adapters import register_adapter
+from foca_bench.adapters.base import Adapter, MissingWeightsError
+from foca_bench.hooks import CacheEngine, Site
+
+BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
+
+
+@register_adapter("toy_dit", "dit_xl_2")
+class DiTAdapter(Adapter):
+    def __init__(self, cfg: Any, device: str) -> None:
+        super().__init__(cfg, device)
+        from diffusers import DDIMScheduler
+
+        self.transformer = self._load_transformer().eval().requires_grad_(False)
+        if self.device.type != "meta":
+            self.transformer.to(self.device)
+        if self.dtype != self.transformer.dtype:
+            self.transformer.to(dtype=self.dtype)
+        self.scheduler = DDIMScheduler(**cfg.scheduler)
+        self.vae = self._load_vae() if cfg.vae else None
+        arch = self.transformer.config
+        self.latent_channels = arch.in_channels
+        self.learned_sigma = arch.out_channels // 2 == arch.in_channels and arch.out_channels != arch.in_channels
+        self.null_class = cfg.num_classes  # diffusers' LabelEmbedding appends the CFG null class last
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def _weights_location(self) -> str:
+        if self.cfg.path:
+            return str(self.cfg.path)
+        if self.cfg.name in BUNDLED:
+            return str(BUNDLED[self.cfg.name])
+        return str(self.cfg.hub_id)
+
+    def _load_transformer(self) -> torch.nn.Module:
+        from diffusers import DiTTransformer2DModel
+
+        if self.cfg.weights == "meta":
+            with torch.device("meta"):
+                return DiTTransformer2DModel(**self.cfg.arch)
+        if self.cfg.weights == "random":
+            torch.manual_seed(0)
+            return DiTTransformer2DModel(**self.cfg.arch)
+        location = self._weights_location()
+        try:
+            return DiTTransformer2DModel.from_pretrained(location, subfolder="transformer", local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing(location, "transformer") from err
+
+    def _load_vae(self) -> Optional[torch.nn.Module]:
+        if self.cfg.weights != "pretrained":
+            return None  # FLOP counting and random-weight runs stop at latents
+        from diffusers import AutoencoderKL
+
+        location = self._weights_location()
+        try:
+            vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing(location, "vae") from err
+        return vae.to(self.device, self.dtype).eval().requires_grad_(False)
+
+    def _missing(self, location: str, part: str) -> MissingWeightsError:
+        if self.cfg.name in BUNDLED and not self.cfg.path:
+            return MissingWeightsError(
+                f"The bundled {self.cfg.name} checkpoint is missing ({location}/{part}). Run `make toy-model` "
+                "to train it (see README), or set model.path to a copy.")
+        return MissingWeightsError(
+            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part}/ under "
+            f"'{location}'. Download {self.cfg.hub_id} where you have network and set model.path=/path/to/copy "
+            "(a diffusers folder holding transformer/, vae/ and scheduler/), e.g. "
+            f"`python run.py model={self.cfg.name} model.path=/data/DiT-XL-2-256`. "
+            "`profile=flops_only` needs no weights.")
+
+    # -- cache sites -----------------------------------------------------------------------------------------
+    def sites(self) -> list[Site]:
+        sites = []
+        for i, block in enumerate(self.transformer.transformer_blocks):
+            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1))
+            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff))
+        # called with return_dict=False below, so the model returns a 1-tuple
+        sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
+        return sites
+
+    # -- sampling --------------------------------------------------------------------------------------------
+    def make_noise(self, seeds: list[int]) -> Tensor:
+        side = self.transformer.config.sample_size
+        shape = (1, self.latent_channels, side, side)
+        if self.device.type == "meta":
+            return torch.empty((len(seeds), *shape[1:]), device="meta", dtype=self.dtype)
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.cat(noise).to(self.device, self.dtype)  # (B, C, H, W), identical on every device
+
+    @torch.no_grad()
+    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+        engine.reset()  # every generation starts from a clean cache
+        self.scheduler.set_timesteps(steps)
+        cfg = guidance_scale > 1.0
+        labels = labels.to(self.device)
+        if cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
+        x = noise
+        c = self.latent_channels
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
+            model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            t_in = t.to(self.device).expand(model_in.shape[0])
+            with engine.step(i, float(t)):
+                out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
+            eps = out[:, :c] if self.learned_sigma else out  # drop the learned variance
+            if cfg:
+                cond, uncond = eps.chunk(2)
+                k = c if guided_channels is None else guided_channels
+                guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+                eps = torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
+            x = self.scheduler.step(eps, t, x).prev_sample
+        return x
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:
+            if self.cfg.vae:
+                raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
+            return ((latents.float().clamp(-1, 1) + 1) / 2).cpu()  # pixel space
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    def provenance(self) -> dict:
+        return {
+            "pipeline": "diffusers DiTPipeline loop (foca_bench/adapters/dit.py)",
+            "scheduler": type(self.scheduler).__name__,
+            "scheduler_config": dict(self.scheduler.config),
+            "learned_sigma": self.learned_sigma,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        }

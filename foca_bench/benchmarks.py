@@ -1,0 +1,55 @@
+"""Benchmarks: which samples to generate (classes and per-sample seeds) and how to score them.
+
+A sample's index is its position in the benchmark's fixed list and its seed is `benchmark.seed + index`, so the
+same samples come out whatever the batch size or the number of processes.
+"""
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from evaluation.digit_metrics import digit_metrics
+from evaluation.fidelity import fidelity
+from foca_bench.digit_classifier import load_classifier
+from foca_bench.toy_data import load_digits_images
+
+BENCHMARKS: dict[str, type] = {}
+
+
+def register_benchmark(name: str) -> Callable[[type], type]:
+    def decorate(cls: type) -> type:
+        BENCHMARKS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_benchmark(cfg: Any, model_cfg: Any):
+    if cfg.name not in BENCHMARKS:
+        raise KeyError(f"Unknown benchmark {cfg.name!r}; registered: {', '.join(sorted(BENCHMARKS))}.")
+    return BENCHMARKS[cfg.name](cfg, model_cfg)
+
+
+@register_benchmark("toy_fid")
+class ToyFID:
+    """K samples per digit class; FID/IS/accuracy with the digit classifier; fidelity to full compute."""
+
+    def __init__(self, cfg: Any, model_cfg: Any) -> None:
+        if model_cfg.num_classes != 10 or model_cfg.resolution != 16:
+            raise ValueError(f"benchmark=toy_fid scores 16x16 digits; model={model_cfg.name} makes "
+                             f"{model_cfg.resolution}px images of {model_cfg.num_classes} classes. Use it with "
+                             "model=toy_dit.")
+        self.cfg = cfg
+        self.classifier = load_classifier()  # fails early, before any generation, if missing
+
+    def samples(self) -> tuple[Tensor, list[int]]:
+        """Class labels (N,) and seeds, class-major: index = class * K + k."""
+        k = self.cfg.samples_per_class
+        labels = torch.arange(10).repeat_interleave(k)
+        seeds = [self.cfg.seed + i for i in range(len(labels))]
+        return labels, seeds
+
+    def evaluate(self, images: Tensor, labels: Tensor, reference: Tensor) -> dict:
+        real, _ = load_digits_images(16)
+        return {**digit_metrics(images, labels, real, self.classifier), **fidelity(images, reference)}

@@ -1,0 +1,156 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore.
+
+Composition against these dataclasses turns a typo (`sampler.stpes=5`), a wrong type (`sampler.steps=abc`) or
+an unknown group option (`method=focaa`) into an error before any weights load. Method schemas are registered
+by `methods.register` (group `schema/method`); `validate` runs the cross-field checks of each method's
+`__post_init__` and the cross-group ones (a Taylor order the schedule cannot support, ...).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import methods
+from methods.base import CacheConfig
+
+
+@dataclass
+class ModelConfig:
+    """A model: where its weights are and the architecture/sampling settings of its paper setup.
+
+    Attributes:
+        name: registry key of the adapter, the same string as `conf/model/<name>.yaml`.
+        hub_id: Hugging Face id of the weights (documentation and error messages; nothing is downloaded).
+        path: local copy of the weights in diffusers' folder layout; null uses the bundled copy or the hub
+            cache.
+        weights: `pretrained` (load `path`/`hub_id`), `random` (same classes, random init) or `meta` (no
+            memory, FLOP counting only).
+        warmup: the model's default `cache.warmup`.
+    """
+
+    name: str = MISSING
+    hub_id: Optional[str] = None
+    path: Optional[str] = None
+    vae: Optional[str] = None
+    weights: str = "pretrained"
+    resolution: int = MISSING
+    num_classes: int = 0
+    guidance_scale: float = 1.0
+    warmup: int = 1
+    dtype: str = "float32"
+    arch: Dict[str, Any] = field(default_factory=dict)
+    scheduler: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplerConfig:
+    """Attributes:
+    steps: number of denoising steps (the paper's "DDIM-k steps" rows are `method=none sampler.steps=k`).
+    guidance_scale: classifier-free guidance; null takes `model.guidance_scale`.
+    guided_channels: null guides every output channel (diffusers' DiTPipeline); 3 guides only the first three
+        latent channels, as DiT's reference `forward_with_cfg` does.
+    """
+
+    steps: int = 50
+    guidance_scale: Optional[float] = None
+    guided_channels: Optional[int] = None
+
+
+@dataclass
+class BenchmarkConfig:
+    """Attributes:
+    samples_per_class: K samples per class, each from its own seed `seed + global index`.
+    batch_size: generation batch (the CFG batch is twice as large).
+    """
+
+    name: str = MISSING
+    samples_per_class: int = 20
+    batch_size: int = 100
+    seed: int = 0
+
+
+@dataclass
+class ProfileConfig:
+    """Attributes:
+    flops: count FLOPs over one sample's whole generation with `FlopCounterMode`.
+    latency: median wall time of one batch of `batch_size` after `warmup` runs, over `repeats` runs.
+    benchmark: run the benchmark's generation and metrics.
+    meta: build the model on the meta device with no weights (FLOP counting of any model config).
+    """
+
+    name: str = "default"
+    flops: bool = True
+    latency: bool = True
+    benchmark: bool = True
+    meta: bool = False
+    batch_size: int = 16
+    warmup: int = 1
+    repeats: int = 3
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    cache: CacheConfig = MISSING
+    benchmark: BenchmarkConfig = MISSING
+    profile: ProfileConfig = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    device: str = "auto"
+    trace: bool = False
+    results_dir: str = "results"
+    force: bool = False
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
+    cs.store(group="profile", name="profile_schema", node=ProfileConfig)
+
+
+register_schemas()
+
+
+def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
+    """How many of `steps` steps the interval schedule computes in full."""
+    warmup = cache.warmup or 0
+    return sum(1 for i in range(steps) if i < warmup or (i - warmup) % cache.N == 0)
+
+
+def validate(cfg: DictConfig) -> CacheConfig:
+    """Runs every cross-field check and fills defaults that depend on other groups.
+
+    Returns:
+        The method's config dataclass, with `warmup` resolved from the model when null.
+
+    Raises:
+        ValueError: with a message that says how to fix the configuration.
+    """
+    if cfg.cache.warmup is None:
+        cfg.cache.warmup = cfg.model.warmup
+    if cfg.profile.meta:  # FLOP counting on the meta device never needs weights
+        cfg.model.weights = "meta"
+    if cfg.sampler.guidance_scale is None:
+        cfg.sampler.guidance_scale = cfg.model.guidance_scale
+    cache = OmegaConf.to_object(cfg.cache)  # runs the method's __post_init__ checks
+    method_cls = methods.get(cache.name)
+    if cfg.sampler.steps < 1:
+        raise ValueError(f"sampler.steps={cfg.sampler.steps} must be >= 1.")
+    if cfg.model.weights not in ("pretrained", "random", "meta"):
+        raise ValueError(f"model.weights={cfg.model.weights!r}: choose pretrained, random or meta.")
+    order = getattr(cache, "O", None)
+    if order is not None and not method_cls.schedule_free:
+        full = schedule_full_steps(cache, cfg.sampler.steps)
+        if order + 1 > full:
+            raise ValueError(f"cache.O={order} needs at least {order + 1} full steps, but sampler.steps="
+                             f"{cfg.sampler.steps}, cache.N={cache.N}, cache.warmup={cache.warmup} compute only "
+                             f"{full}: lower cache.O or cache.N, or raise sampler.steps.")
+    for key in ("batch_size", "repeats"):
+        if cfg.profile[key] < 1:
+            raise ValueError(f"profile.{key}={cfg.profile[key]} must be >= 1.")
+    if cfg.benchmark.samples_per_class < 1 or cfg.benchmark.batch_size < 1:
+        raise ValueError("benchmark.samples_per_class and benchmark.batch_size must be >= 1.")
+    return cache

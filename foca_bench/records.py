@@ -1,0 +1,85 @@
+"""Run records: one JSON file per run, written atomically; identity is a hash of the resolved config.
+
+Layout: `results/<benchmark>/<model>/<method>/<run_id>.json`. Tables are derived from these files only.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from foca_bench import REPO_DIR
+
+PACKAGES = ("torch", "torchvision", "diffusers", "hydra-core", "omegaconf", "torchmetrics", "torch-fidelity",
+            "numpy", "safetensors", "scikit-learn")
+# Keys that say where things are, not what was computed: excluded from a run's identity.
+PATH_KEYS = {"path", "results_dir", "force", "device"}
+
+
+def _strip(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in sorted(node.items()) if k not in PATH_KEYS}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+def run_id(config: dict) -> str:
+    """Short hash of the resolved config with paths removed."""
+    blob = json.dumps(_strip(config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "git_commit": git_commit()}
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    """Writes to a temporary file in the same directory, then `os.replace`s it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid: str) -> Path:
+    return Path(results_dir) / benchmark / model / method / f"{rid}.json"
+
+
+def iter_records(results_dir: Path) -> Iterator[tuple[Path, dict]]:
+    """Every record under `results_dir` (skips caches, Hydra outputs and the paper's reference data)."""
+    for path in sorted(Path(results_dir).glob("*/*/*/*.json")):
+        if path.parts[-4] in ("cache", "hydra", "paper", "traces", "tables"):
+            continue
+        with open(path) as f:
+            yield path, json.load(f)

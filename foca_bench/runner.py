@@ -1,0 +1,256 @@
+"""One run: validate the config, profile FLOPs and latency, run the benchmark, write the record.
+
+Speed-ups are measured against `method=none` under the same config in the same process (memoised, so a
+local multirun measures the baseline once). The full-compute reference samples of a benchmark are cached on
+disk under `results/cache/reference/`, keyed by everything that determines them, so every cached run of a sweep
+is compared with the very same baseline images.
+"""
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import methods
+from foca_bench.adapters import build_adapter
+from foca_bench.adapters.base import Adapter
+from foca_bench.benchmarks import build_benchmark
+from foca_bench.config import validate
+from foca_bench.hooks import CacheEngine
+from foca_bench.profiling import count_flops, measure_latency
+from foca_bench.records import atomic_write_json, environment, record_path, run_id
+from methods.base import CacheConfig
+
+log = logging.getLogger("foca_bench")
+
+_ADAPTERS: dict[str, Adapter] = {}
+_BASELINES: dict[str, dict] = {}
+
+
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def get_adapter(model_cfg: DictConfig, device: str) -> Adapter:
+    """Loads a model once per process (a local multirun reuses it across jobs)."""
+    key = _key(OmegaConf.to_container(model_cfg, resolve=True), device)
+    if key not in _ADAPTERS:
+        log.info(f"Instantiating adapter <{model_cfg.name}> ({model_cfg.weights} weights) on {device}")
+        _ADAPTERS[key] = build_adapter(model_cfg, device)
+    return _ADAPTERS[key]
+
+
+def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torch.Tensor, seeds: list[int],
+             batch_size: int, desc: Optional[str] = None, trace: bool = False) -> tuple[torch.Tensor, dict]:
+    """Generates images for (labels, seeds) in batches with a fresh engine state per batch.
+
+    Returns:
+        images (N, C, H, W) in [0, 1] on CPU (or latents on the meta device), and engine stats
+        (full steps per generation, and the trace when asked).
+    """
+    method = methods.build(cache)
+    images, stats = [], {}
+    with CacheEngine(method, adapter.sites(), trace=trace) as engine:
+        batches = list(range(0, len(seeds), batch_size))
+        for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
+            noise = adapter.make_noise(seeds[start : start + batch_size])
+            latents = adapter.generate(engine, labels[start : start + batch_size], noise, cfg.sampler.steps,
+                                       cfg.sampler.guidance_scale, cfg.sampler.guided_channels)
+            images.append(latents if latents.device.type == "meta" else adapter.decode(latents))
+        stats["full_steps_per_generation"] = engine.full_steps  # the engine's counters restart every generation
+        if trace:
+            stats["trace"] = engine.trace_tensors()
+    return torch.cat(images), stats
+
+
+def _profile_one(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
+    out: dict[str, Any] = {}
+    num_classes = max(cfg.model.num_classes, 1)
+    if cfg.profile.flops:  # one sample, the whole denoising loop
+        one = torch.tensor([0])
+        out["flops"] = count_flops(lambda: generate(adapter, cache, cfg, one, [0], 1))
+    if cfg.profile.latency and adapter.device.type != "meta":
+        b = cfg.profile.batch_size
+        labels = torch.arange(b) % num_classes
+        seeds = list(range(b))
+        lat = measure_latency(lambda: generate(adapter, cache, cfg, labels, seeds, b), torch.device(device),
+                              cfg.profile.warmup, cfg.profile.repeats)
+        out["latency_s"] = lat["median_s"]
+        out["latency_detail"] = {**lat, "batch_size": b}
+    return out
+
+
+def baseline_profile(adapter: Adapter, cfg: DictConfig, device: str) -> dict:
+    """FLOPs and latency of `method=none` under this config, measured once per process."""
+    key = _key(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.sampler, resolve=True),
+               OmegaConf.to_container(cfg.profile, resolve=True), device)
+    if key not in _BASELINES:
+        log.info("Profiling <none> baseline for speed-ups")
+        _BASELINES[key] = _profile_one(adapter, methods.get("none").config_class(), cfg, device)
+    return _BASELINES[key]
+
+
+def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
+    """The record's `profile` block: flops, latency_s, and speed-ups against `none`."""
+    mine = _profile_one(adapter, cache, cfg, device)
+    base = mine if cache.name == "none" else baseline_profile(adapter, cfg, device)
+    block = dict(mine)
+    if "flops" in mine:
+        block["flops_none"] = base["flops"]
+        block["flops_speedup"] = base["flops"] / mine["flops"]
+    if "latency_s" in mine:
+        block["latency_none_s"] = base["latency_s"]
+        block["latency_speedup"] = base["latency_s"] / mine["latency_s"]
+    return block
+
+
+def _reference_path(cfg: DictConfig, device: str, cache_dir: Path) -> Path:
+    """Where the full-compute samples of (model, sampler, benchmark, device) are cached."""
+    key = _key(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.sampler, resolve=True),
+               OmegaConf.to_container(cfg.benchmark, resolve=True), device)
+    return cache_dir / f"{run_id({'reference': key})}.pt"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def reference_samples(adapter: Adapter, cfg: DictConfig, labels: torch.Tensor, seeds: list[int], device: str,
+                      cache_dir: Path) -> torch.Tensor:
+    """Full-compute samples with the same seeds, cached on disk (atomically) for the whole sweep."""
+    path = _reference_path(cfg, device, cache_dir)
+    if path.is_file():
+        try:
+            return torch.load(path)
+        except Exception:  # truncated or corrupt: regenerate rather than use it
+            log.warning(f"Reference samples at {path} are unreadable; regenerating them")
+    images, _ = generate(adapter, methods.get("none").config_class(), cfg, labels, seeds, cfg.benchmark.batch_size,
+                         desc="<reference: none> generating")
+    _atomic_save(images, path)
+    return images
+
+
+def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
+    """The resolved config that defines a run; schedule fields are dropped for schedule-free methods."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if methods.get(cache.name).schedule_free:
+        for k in ("N", "warmup", "time"):
+            config["cache"].pop(k, None)
+    if not cfg.profile.benchmark:
+        config.pop("benchmark", None)
+    return config
+
+
+def run(cfg: DictConfig) -> dict:
+    """Runs one configuration end to end and writes its record.
+
+    Returns:
+        The record (also written to `results/<benchmark>/<model>/<method>/<run_id>.json`).
+    """
+    started = time.perf_counter()
+    cfg = copy.deepcopy(cfg)
+    cache = validate(cfg)
+    config = identity(cfg, cache)
+    rid = run_id(config)
+    results = Path(cfg.results_dir)
+    bench_name = cfg.benchmark.name if cfg.profile.benchmark else "flops"
+    path = record_path(results, bench_name, cfg.model.name, cache.name, rid)
+    if path.is_file() and not cfg.force:
+        log.info(f"Record exists, skipping (force=true reruns): {path}")
+        return json.loads(path.read_text())
+
+    device = resolve_device(cfg.device)
+    benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None  # fails early
+    adapter = get_adapter(cfg.model, device)
+    record: dict[str, Any] = {
+        "run_id": rid, "benchmark": bench_name, "model": cfg.model.name, "method": cache.name,
+        "config": config, "environment": environment(), "world_size": 1, "device": device,
+        "sampler_provenance": adapter.provenance(),
+    }
+    record["profile"] = profile(adapter, cache, cfg, device)
+
+    if benchmark is not None:
+        labels, seeds = benchmark.samples()
+        t0 = time.perf_counter()
+        images, stats = generate(adapter, cache, cfg, labels, seeds, cfg.benchmark.batch_size,
+                                 desc=f"<{bench_name}: {cache.name}> generating")
+        generation_s = time.perf_counter() - t0
+        ref_dir = results / "cache" / "reference"
+        if cache.name == "none":  # the baseline's own samples are the reference of the whole sweep
+            reference = images
+            _atomic_save(images, _reference_path(cfg, device, ref_dir))
+        else:
+            reference = reference_samples(adapter, cfg, labels, seeds, device, ref_dir)
+        log.info(f"Evaluating <{bench_name}> on {len(images)} samples")
+        record["metrics"] = benchmark.evaluate(images, labels, reference)
+        record["samples"] = {"count": len(images), "seeds": [seeds[0], seeds[-1]], "seed_rule": "seed + index",
+                             "full_steps": stats["full_steps_per_generation"],
+                             "steps": cfg.sampler.steps}
+        record["timing"] = {"generation_s": generation_s}
+        grid = path.with_suffix(".png")
+        _save_grid(images, grid, nrow=cfg.benchmark.samples_per_class)
+        record["sample_grid"] = str(grid)
+    else:
+        record["timing"] = {}
+        record["samples"] = {"steps": cfg.sampler.steps}
+
+    if cfg.trace:
+        record["trace"] = str(save_trace(adapter, cache, cfg, results, rid))
+    record["timing"]["total_s"] = time.perf_counter() - started
+    atomic_write_json(path, record)
+    log.info(f"Wrote record {path}")
+    print(summary_line(record))
+    return record
+
+
+def save_trace(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, results: Path, rid: str) -> Path:
+    """Per-site trajectories of one sample (class 0, seed `benchmark.seed`) as safetensors."""
+    from safetensors.torch import save_file
+
+    _, stats = generate(adapter, cache, cfg, torch.tensor([0]), [cfg.benchmark.seed], 1, trace=True)
+    path = results / "traces" / cfg.model.name / cache.name / f"{rid}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in stats["trace"].items()}, str(tmp))
+    tmp.replace(path)  # atomic, like every file this harness writes
+    log.info(f"Wrote trace {path}")
+    return path
+
+
+def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+    if images.device.type == "meta":
+        return
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images[: nrow * 10], path, nrow=nrow, padding=1)
+
+
+def summary_line(record: dict) -> str:
+    p = record["profile"]
+    cache = record["config"]["cache"]
+    knobs = ", ".join(f"{k}={v}" for k, v in cache.items() if k != "name")
+    parts = [f"[{record['method']}{' ' + knobs if knobs else ''}]"]
+    if "flops" in p:
+        parts.append(f"FLOPs {p['flops'] / 1e12:.4f} T ({p['flops_speedup']:.2f}x)")
+    if "latency_s" in p:
+        parts.append(f"latency {p['latency_s']:.3f} s ({p['latency_speedup']:.2f}x)")
+    for name, m in record.get("metrics", {}).items():
+        if m["value"] is not None:
+            parts.append(f"{name} {m['value']:.4g}")
+    return "  ".join(parts)

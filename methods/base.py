@@ -1,0 +1,140 @@
+"""The caching-method interface shared by live generation and offline replay.
+
+A method sees site names, step indices, times and tensors, never an `nn.Module` (adapters say *where*,
+methods say *how*). Four verbs: `plan(step)`, `update(key, step, features)`, `forecast(key, step)`, `reset()`.
+`resolve` is the one function that turns a plan into the value a site uses; both the runtime hook
+(`foca_bench/hooks.py`) and `methods.replay` call it, so offline analysis drives exactly the live code path.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, NamedTuple, Optional
+
+from torch import Tensor
+
+
+class SiteKey(NamedTuple):
+    """Where a feature lives: a cache site and the CFG branch (context) it belongs to."""
+
+    site: str
+    branch: str = "default"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step.
+
+    Attributes:
+        index: position in sampling order, 0..T-1.
+        t: the scheduler's own time value at this step (DDIM timestep, flow-matching sigma, ...).
+    """
+
+    index: int
+    t: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the engine does at a step: compute every site, or let the method forecast them.
+
+    `mask` is reserved for partial (token-wise) computation; None means the whole site.
+    """
+
+    full: bool
+    mask: Optional[Tensor] = None
+
+
+FULL = Plan(full=True)
+FORECAST = Plan(full=False)
+
+
+@dataclass
+class CacheConfig:
+    """Fields every method accepts (`cache.*`).
+
+    Attributes:
+        N: interval between full computations for interval methods. Methods that do not use a schedule
+            (`none`) accept and ignore it, so one sweep `method=none,foca cache.N=3,5` covers the baseline.
+        warmup: number of leading steps always computed in full; None takes the model's default
+            (`model.warmup`).
+        time: time axis of the forecasts: `step` (t_i = i) or `sigma` (the scheduler's own time values, so
+            non-uniform grids are handled).
+    """
+
+    name: str = "???"
+    N: int = 1
+    warmup: Optional[int] = None
+    time: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.N < 1:
+            raise ValueError(f"cache.N={self.N}: the interval between full steps must be >= 1 (cache.N=1 "
+                             "computes every step).")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"cache.warmup={self.warmup} must be >= 0 (or null for the model's default).")
+        if self.time not in ("step", "sigma"):
+            raise ValueError(f"cache.time={self.time!r}: choose `step` (t_i = i) or `sigma` (scheduler times).")
+
+
+class CacheMethod(ABC):
+    """Base class of every caching method.
+
+    Class attributes:
+        name: registry key, the same string as `conf/method/<name>.yaml`.
+        roles: the site roles the method caches (`attn`, `mlp`, or `model` for the whole model output).
+        schedule_free: True for methods whose result does not depend on `N`/`warmup`/`time`
+            (they are dropped from the run's identity).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type] = CacheConfig
+    roles: ClassVar[tuple[str, ...]] = ("attn", "mlp")
+    schedule_free: ClassVar[bool] = False
+
+    def __init__(self, cfg: CacheConfig) -> None:
+        self.cfg = cfg
+        self.reset()
+
+    def is_full(self, index: int) -> bool:
+        """The interval schedule: full when i < warmup or (i - warmup) % N == 0."""
+        warmup = self.cfg.warmup or 0
+        return index < warmup or (index - warmup) % self.cfg.N == 0
+
+    def plan(self, step: Step) -> Plan:
+        return FULL if self.is_full(step.index) else FORECAST
+
+    def time(self, step: Step) -> float:
+        """The step's time on the configured axis."""
+        return float(step.index) if self.cfg.time == "step" else float(step.t)
+
+    @abstractmethod
+    def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
+        """Receives a freshly computed feature of `key` at a full step."""
+
+    @abstractmethod
+    def forecast(self, key: SiteKey, step: Step) -> Tensor:
+        """Returns the value `key` takes at a step that is not computed."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forgets every site's history; called at the start of every generation."""
+
+
+def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: Callable[[], Tensor]) -> Tensor:
+    """The value a site uses at a step: computed and handed to the method, or forecast without computing.
+
+    Args:
+        method: the caching method.
+        key: the site and branch.
+        step: the current step.
+        full: the plan's decision for this step.
+        compute: runs the site's real computation; called only when `full`.
+
+    Returns:
+        The site's value at this step.
+    """
+    if full:
+        features = compute()
+        method.update(key, step, features)
+        return features
+    return method.forecast(key, step)

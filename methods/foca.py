@@ -1,0 +1,97 @@
+"""FoCa, Forecast-then-Calibrate (arXiv:2508.16211): BDF2 predictor plus Heun corrector on cached features.
+
+The paper's eqs. 6-8 are ambiguous; this is the reading foca-bench implements (docs/methods.md discusses it).
+Per site we keep the last two trajectory points F_{i-1}, F_i (computed or forecast, with their times) and the
+last full step b with D_full = (F_b - F_a) / (t_b - t_a) over the two most recent full steps a < b (zero while
+only one full step exists).
+
+At a skipped step i+1, with h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
+1. slope s = (F_i - F_{i-1}) / (t_i - t_{i-1})        (`slope=local`, default: "the two most recent timesteps")
+         or s = D_full                                (`slope=full`);
+2. BDF2 predictor F^ = (1+w)^2/(1+2w) F_i - w^2/(1+2w) F_{i-1} + h (1+w)/(1+2w) s   (w = 1: eq. 7);
+3. Heun corrector F_{i+1} = F_i + h/2 (D_full + (F^ - F_i)/h)   (`corrector=heun`, eq. 8, with D_full as the
+   slope at "the latest fully computed step" and (F^ - F_i)/h as the slope at the predicted end);
+   `corrector=none` keeps F^ (the paper's BDF2-only ablation, Figure 7);
+4. F_{i+1} becomes the newest trajectory point.
+While fewer than two trajectory points exist a skipped step reuses F_i (and that value becomes a point too).
+
+Memory: at most four tensors per site (F_{i-1}, F_i, F_b, D_full); right after a full step F_b is F_i.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from torch import Tensor
+
+from methods import register
+from methods._numerics import bdf2_predict, divided_difference, heun_correct
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+
+
+@dataclass
+class FoCaConfig(CacheConfig):
+    """Attributes:
+    slope: `local` (two most recent trajectory points) or `full` (two most recent full steps).
+    corrector: `heun` (FoCa) or `none` (BDF2-only ablation).
+    """
+
+    name: str = "foca"
+    N: int = 5
+    slope: str = "local"
+    corrector: str = "heun"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.slope not in ("local", "full"):
+            raise ValueError(f"cache.slope={self.slope!r}: choose `local` (two most recent trajectory points) "
+                             "or `full` (two most recent full steps).")
+        if self.corrector not in ("heun", "none"):
+            raise ValueError(f"cache.corrector={self.corrector!r}: choose `heun` (FoCa) or `none` (BDF2 only).")
+
+
+@dataclass
+class _SiteState:
+    current: Tensor  # F_i
+    t_current: float
+    full: Tensor  # F_b, the last fully computed value
+    t_full: float
+    previous: Optional[Tensor] = None  # F_{i-1}
+    t_previous: float = 0.0
+    d_full: Union[Tensor, float] = field(default=0.0)  # D_full; 0 while one full step exists
+
+    def push(self, value: Tensor, t: float) -> None:
+        self.previous, self.t_previous = self.current, self.t_current
+        self.current, self.t_current = value, t
+
+
+@register("foca")
+class FoCa(CacheMethod):
+    config_class = FoCaConfig
+
+    def reset(self) -> None:
+        self.state: dict[SiteKey, _SiteState] = {}
+
+    def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
+        t = self.time(step)
+        s = self.state.get(key)
+        if s is None:
+            self.state[key] = _SiteState(current=features, t_current=t, full=features, t_full=t)
+            return
+        s.d_full = divided_difference(features, s.full, t - s.t_full)
+        s.full, s.t_full = features, t
+        s.push(features, t)
+
+    def forecast(self, key: SiteKey, step: Step) -> Tensor:
+        s = self.state[key]
+        t = self.time(step)
+        if s.previous is None:
+            value = s.current
+        else:
+            h = t - s.t_current
+            dt = s.t_current - s.t_previous
+            slope = divided_difference(s.current, s.previous, dt) if self.cfg.slope == "local" else s.d_full
+            value = bdf2_predict(s.current, s.previous, slope, h, h / dt)
+            if self.cfg.corrector == "heun":
+                value = heun_correct(s.current, value, s.d_full, h)
+        s.push(value, t)
+        return value

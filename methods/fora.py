@@ -1,0 +1,31 @@
+"""FORA (arXiv:2407.01425): per-site reuse of the last computed attention and MLP outputs.
+
+On a skipped step every cached site returns its value from the last full step (eq. 3 of the FoCa paper).
+"""
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from methods import register
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+
+
+@dataclass
+class FORAConfig(CacheConfig):
+    name: str = "fora"
+    N: int = 3
+
+
+@register("fora")
+class FORA(CacheMethod):
+    config_class = FORAConfig
+
+    def reset(self) -> None:
+        self.last: dict[SiteKey, Tensor] = {}
+
+    def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
+        self.last[key] = features
+
+    def forecast(self, key: SiteKey, step: Step) -> Tensor:
+        return self.last[key]

@@ -1,0 +1,87 @@
+"""Hydra composition: every model x method pair composes; bad input fails early with a useful message."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+import methods
+from foca_bench import REPO_DIR
+from foca_bench.adapters import ADAPTERS
+from foca_bench.config import validate
+
+METHOD_FILES = sorted(p.stem for p in (REPO_DIR / "conf/method").glob("*.yaml"))
+MODEL_FILES = sorted(p.stem for p in (REPO_DIR / "conf/model").glob("*.yaml"))
+
+
+def test_registries_match_config_groups():
+    assert sorted(methods.METHODS) == METHOD_FILES
+    assert sorted(ADAPTERS) == MODEL_FILES
+    for name, cls in methods.METHODS.items():
+        assert cls.name == name and cls.config_class().name == name
+
+
+@pytest.mark.parametrize("model", MODEL_FILES)
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_every_pair_composes_with_override(cfg_factory, model, method):
+    cfg = cfg_factory(f"model={model}", f"method={method}", "cache.N=7")
+    assert cfg.cache.N == 7
+    assert cfg.cache.name == method and cfg.model.name == model
+    cache = validate(cfg)
+    assert cache.warmup == cfg.model.warmup  # per-model default filled in
+    assert type(cache) is methods.get(method).config_class
+
+
+def test_cli_example_from_the_issue(cfg_factory):
+    cfg = cfg_factory("model=toy_dit", "method=foca", "cache.N=5")
+    assert (cfg.cache.N, cfg.cache.slope, cfg.cache.corrector) == (5, "local", "heun")
+
+
+def test_unknown_key_fails(cfg_factory):
+    with pytest.raises(ConfigCompositionException, match="n"):
+        cfg_factory("method=foca", "cache.n=3")
+
+
+def test_wrong_type_fails(cfg_factory):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        cfg_factory("method=foca", "cache.N=abc")
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        cfg_factory("sampler.steps=many")
+
+
+def test_unknown_option_lists_the_choices(cfg_factory):
+    with pytest.raises(ConfigCompositionException) as err:
+        cfg_factory("method=focaa")
+    message = str(err.value)
+    for name in ("foca", "fora", "taylorseer", "reuse", "none"):
+        assert name in message
+
+
+@pytest.mark.parametrize("overrides,fix", [
+    (("method=foca", "cache.N=0"), "must be >= 1"),
+    (("method=foca", "cache.slope=global"), "choose `local`"),
+    (("method=foca", "cache.corrector=rk4"), "choose `heun`"),
+    (("method=foca", "cache.time=seconds"), "choose `step`"),
+    (("method=foca", "cache.warmup=-1"), ">= 0"),
+    (("method=taylorseer", "cache.O=7"), "0..4"),
+    (("method=taylorseer", "cache.O=3", "cache.N=20", "sampler.steps=30", "cache.warmup=0"), "lower cache.O"),
+    (("sampler.steps=0",), "sampler.steps"),
+])
+def test_cross_field_checks_say_how_to_fix(cfg_factory, overrides, fix):
+    with pytest.raises(ValueError, match=fix.replace(".", r"\.").replace("`", "`")):
+        validate(cfg_factory(*overrides))
+
+
+def test_flops_only_needs_no_weights(cfg_factory):
+    cfg = cfg_factory("model=dit_xl_2", "profile=flops_only")
+    validate(cfg)
+    assert cfg.model.weights == "meta"
+
+
+def test_method_yaml_files_only_set_values():
+    """Every conf/method file starts from its schema and places itself at package `cache`."""
+    for name in METHOD_FILES:
+        text = Path(REPO_DIR / f"conf/method/{name}.yaml").read_text()
+        assert text.startswith("# @package cache")
+        assert f"/schema/method/{name}@_here_" in text

@@ -1,0 +1,134 @@
+"""The caching engine on tiny random-weight diffusers DiTs: skipping, exactness, reset, hooks, replay parity."""
+
+import pytest
+import torch
+
+import methods
+from foca_bench.adapters import build_adapter
+from foca_bench.config import validate
+from foca_bench.hooks import CacheEngine
+from methods import replay
+from tests.conftest import TINY
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(*TINY)
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+def generate(adapter, name, labels=(1, 7), seeds=(0, 1), trace=False, **cache):
+    method = methods.build({"name": name, "warmup": 1, **cache})
+    with CacheEngine(method, adapter.sites(), trace=trace) as engine:
+        out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), STEPS, 3.0)
+        return out, engine
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_n1_equals_none_exactly(adapter, name):
+    reference, _ = generate(adapter, "none")
+    out, engine = generate(adapter, name, N=1)
+    assert engine.full_steps == STEPS
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("name", ["fora", "taylorseer", "foca"])
+def test_skipped_steps_do_not_run_attention_or_mlp(adapter, name):
+    calls = {"attn": 0, "mlp": 0}
+    block = adapter.transformer.transformer_blocks[0]
+    hooks = [block.attn1.to_q.register_forward_hook(lambda *a: calls.__setitem__("attn", calls["attn"] + 1)),
+             block.ff.net[0].register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))]
+    try:
+        _, engine = generate(adapter, name, N=3)
+    finally:
+        for h in hooks:
+            h.remove()
+    expected_full = sum(1 for i in range(STEPS) if i < 1 or (i - 1) % 3 == 0)  # 1 + ceil(9 / 3) = 4
+    assert engine.full_steps == expected_full == 4
+    assert calls == {"attn": expected_full, "mlp": expected_full}
+
+
+def test_reuse_skips_the_whole_transformer(adapter):
+    calls = []
+    hook = adapter.transformer.pos_embed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, engine = generate(adapter, "reuse", N=5)
+    finally:
+        hook.remove()
+    assert len(calls) == engine.full_steps == 1 + 2  # steps 0, 1, 6
+
+
+@pytest.mark.parametrize("name", ["fora", "taylorseer", "foca", "reuse"])
+def test_cached_output_differs_but_stays_close(adapter, name):
+    reference, _ = generate(adapter, "none")
+    out, _ = generate(adapter, name, N=3)
+    rel = ((out - reference).norm() / reference.norm()).item()
+    assert 0.0 < rel < 0.5
+
+
+def test_same_seed_twice_is_identical_and_reset_survives_an_exception(adapter):
+    first, _ = generate(adapter, "foca", N=4)
+    second, _ = generate(adapter, "foca", N=4)
+    assert torch.equal(first, second)
+    method = methods.build({"name": "foca", "N": 4, "warmup": 1})
+    with CacheEngine(method, adapter.sites()) as engine:
+        with pytest.raises(RuntimeError):
+            with engine.step(0, 999.0):
+                adapter.transformer.transformer_blocks[0].attn1(torch.randn(2, 64, 32))
+                raise RuntimeError("interrupted mid-generation")
+        assert method.state  # stale state left behind by the interrupted call ...
+        again = adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+    assert torch.equal(again, first)  # ... is cleared by the reset at the start of the next generation
+
+
+def test_hooks_are_removed_on_exit(adapter):
+    _, engine = generate(adapter, "foca", N=3)
+    for site in engine.sites:
+        assert "forward" not in site.module.__dict__
+
+
+def test_batch_composition_does_not_change_a_sample(adapter):
+    pair, _ = generate(adapter, "foca", labels=(1, 7), seeds=(0, 1), N=3)
+    alone, _ = generate(adapter, "foca", labels=(7,), seeds=(1,), N=3)
+    torch.testing.assert_close(alone[0], pair[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [dict(name="foca", N=3), dict(name="foca", N=4, slope="full", time="sigma"),
+                                   dict(name="foca", N=5, corrector="none"), dict(name="taylorseer", N=3, O=2),
+                                   dict(name="fora", N=3)])
+def test_replay_reproduces_live_generation_exactly(adapter, cache):
+    """A site's live values (computed at full steps, forecast otherwise) are exactly what replay returns."""
+    name = cache.pop("name")
+    _, engine = generate(adapter, name, trace=True, **cache)
+    trace = engine.trace_tensors()
+    sites = [k for k in trace if "/" in k]
+    assert len(sites) == 2 * len(adapter.transformer.transformer_blocks)
+    for site in sites:
+        values = trace[site]  # (T, 2B, S, D)
+        assert values.shape[0] == STEPS
+        out = replay(name, values, trace["times"], trace["full"], warmup=1, **cache)
+        assert torch.equal(out, values), site
+
+
+def test_named_cfg_contexts_keep_separate_caches(adapter):
+    """Separate cond/uncond passes get separate state (later models run CFG as two passes)."""
+    method = methods.build({"name": "fora", "N": 2, "warmup": 0})
+    attn = adapter.transformer.transformer_blocks[0].attn1
+    x_cond, x_uncond = torch.randn(1, 64, 32), torch.randn(1, 64, 32)
+    with CacheEngine(method, adapter.sites()) as engine:
+        engine.reset()
+        with engine.step(0, 1.0):
+            with engine.context("cond"):
+                a = attn(x_cond)
+            with engine.context("uncond"):
+                b = attn(x_uncond)
+        with engine.step(1, 0.5):
+            with engine.context("cond"):
+                assert torch.equal(attn(torch.zeros_like(x_cond)), a)
+            with engine.context("uncond"):
+                assert torch.equal(attn(torch.zeros_like(x_uncond)), b)

@@ -1,0 +1,126 @@
+"""End to end: run.py configs -> records -> tables; errors for missing weights; the shipped toy model."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from foca_bench import REPO_DIR
+from foca_bench.adapters import build_adapter
+from foca_bench.adapters.base import MissingWeightsError
+from foca_bench.config import validate
+from foca_bench.records import atomic_write_json, iter_records, run_id
+from foca_bench.runner import run
+from foca_bench.tables import write_tables
+from tests.conftest import TINY, make_cfg
+
+QUICK = (*TINY, "sampler.steps=8", "benchmark.samples_per_class=2", "benchmark.batch_size=10",
+         "profile.batch_size=2", "profile.repeats=1", "profile.warmup=0")
+
+
+def test_run_writes_records_and_tables(tmp_path):
+    results = f"results_dir={tmp_path}"
+    base = run(make_cfg(*QUICK, results, "method=none"))
+    foca = run(make_cfg(*QUICK, results, "method=foca", "cache.N=3"))
+    assert base["profile"]["flops_speedup"] == 1.0
+    assert foca["profile"]["flops_speedup"] > 1.5
+    assert foca["profile"]["latency_s"] > 0 and "latency_speedup" in foca["profile"]
+    for name in ("fid", "is", "class_acc", "psnr", "ssim", "rel_l2"):
+        assert name in foca["metrics"]
+    assert foca["metrics"]["fid"]["higher_is_better"] is False
+    assert base["metrics"]["rel_l2"]["value"] == 0.0 and base["metrics"]["psnr"]["value"] is None
+    assert 0.0 < foca["metrics"]["rel_l2"]["value"]
+    assert foca["samples"]["full_steps"] == 1 + 3  # steps 0, 1, 4, 7 of 8
+    assert foca["config"]["cache"]["warmup"] == 1 and foca["environment"]["packages"]["diffusers"]
+    paths = [p for p, _ in iter_records(tmp_path)]
+    assert len(paths) == 2 and all(p.parent.parent.parent.name == "toy_fid" for p in paths)
+    assert all(not p.name.startswith(".") for p in tmp_path.rglob("*.json"))  # no temp files left
+    # rerun skips; force reruns
+    mtime = paths[0].stat().st_mtime
+    run(make_cfg(*QUICK, results, "method=none", "cache.N=5"))  # N is not part of none's identity
+    assert paths[0].stat().st_mtime == mtime
+    (table,) = write_tables(tmp_path, tmp_path / "tables")
+    text = table.read_text()
+    assert "DDIM-8 steps" in text and "FoCa (N=3, 8 steps)" in text and foca["run_id"] in text
+    assert "TOY MODEL" in text
+
+
+def test_trace_is_saved_and_replayable(tmp_path):
+    from safetensors.torch import load_file
+
+    from methods import replay
+
+    record = run(make_cfg(*QUICK, f"results_dir={tmp_path}", "method=foca", "cache.N=3", "trace=true",
+                          "profile.latency=false"))
+    trace = load_file(record["trace"])
+    site = "blocks.0.attn/default"
+    assert trace[site].shape[0] == 8 and trace["full"].tolist() == [i in (0, 1, 4, 7) for i in range(8)]
+    assert torch.equal(replay("foca", trace[site], trace["times"], trace["full"], N=3), trace[site])
+
+
+def test_run_id_ignores_paths_and_is_stable():
+    a = {"model": {"name": "x", "path": "/a"}, "results_dir": "r1", "cache": {"N": 3}}
+    b = {"model": {"name": "x", "path": "/b"}, "results_dir": "r2", "cache": {"N": 3}}
+    assert run_id(a) == run_id(b) != run_id({**a, "cache": {"N": 5}})
+
+
+def test_atomic_write_leaves_old_record_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"ok": 1})
+    circular: dict = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular"):
+        atomic_write_json(path, circular)
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_missing_toy_checkpoint_names_path_and_make_target(tmp_path):
+    cfg = make_cfg(f"model.path={tmp_path / 'nowhere'}")
+    validate(cfg)
+    with pytest.raises(MissingWeightsError, match="nowhere"):
+        build_adapter(cfg.model, "cpu")
+    cfg = make_cfg()
+    validate(cfg)
+    from foca_bench.adapters import dit
+
+    original = dit.BUNDLED["toy_dit"]
+    dit.BUNDLED["toy_dit"] = tmp_path / "missing"
+    try:
+        with pytest.raises(MissingWeightsError, match="make toy-model"):
+            build_adapter(cfg.model, "cpu")
+    finally:
+        dit.BUNDLED["toy_dit"] = original
+
+
+def test_missing_real_weights_exit_fast_with_instructions(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "run.py", "model=dit_xl_2", f"results_dir={tmp_path}"], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    for needle in ("facebook/DiT-XL-2-256", "model.path=", "transformer/"):
+        assert needle in proc.stderr
+    assert elapsed < 60
+    assert not list(tmp_path.rglob("*.json"))  # nothing half-written
+
+
+def test_shipped_toy_model_draws_recognisable_digits():
+    """At the default guidance, the digit classifier recognises the requested class in most samples."""
+    from foca_bench.digit_classifier import load_classifier
+    from foca_bench.hooks import CacheEngine
+    import methods
+
+    cfg = make_cfg()
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    labels = torch.arange(10).repeat_interleave(5)
+    with CacheEngine(methods.build({"name": "none"}), adapter.sites()) as engine:
+        latents = adapter.generate(engine, labels, adapter.make_noise(list(range(50))), 50, cfg.sampler.guidance_scale)
+    images = adapter.decode(latents)
+    classifier = load_classifier()
+    accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.8
