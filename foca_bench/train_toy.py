@@ -61,7 +61,7 @@ def train_classifier(out_dir: Path = CLASSIFIER_DIR, epochs: int = 30, seed: int
 
 
 def train_toy_dit(out_dir: Path = TOY_DIT_DIR, steps: int = 4000, batch_size: int = 64, lr: float = 1e-3,
-                  ema_decay: float = 0.999, seed: int = 0) -> dict:
+                  ema_decay: float = 0.999, label_dropout: float = 0.1, seed: int = 0) -> dict:
     """DDPM training of the toy DiT; saves the EMA weights."""
     from diffusers import DDPMScheduler, DiTTransformer2DModel
 
@@ -75,12 +75,19 @@ def train_toy_dit(out_dir: Path = TOY_DIT_DIR, steps: int = 4000, batch_size: in
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     lr_at = lambda s: lr * min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()  # train mode: DiT's LabelEmbedding drops 10% of labels to the null class for CFG
+    model.train()
+    # Deviation from diffusers' train mode: each DiT block has its own LabelEmbedding that drops labels
+    # independently, so the all-null input CFG uses at sampling would be seen with probability 0.1**L. We drop
+    # once per sample for every block, as the original DiT's single class embedder does.
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.eval()
+    null_class = model_cfg["arch"]["num_embeds_ada_norm"]
     start, running = time.perf_counter(), None
     bar = tqdm(range(steps), desc="<toy_dit> DDPM steps")
     for step in bar:
         idx = torch.randint(0, len(x0_all), (batch_size,))
         x0, y = x0_all[idx], labels[idx]
+        y = torch.where(torch.rand(batch_size) < label_dropout, torch.full_like(y, null_class), y)  # CFG null
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
         pred = model(scheduler.add_noise(x0, noise, t), timestep=t, class_labels=y, return_dict=False)[0]
@@ -97,6 +104,7 @@ def train_toy_dit(out_dir: Path = TOY_DIT_DIR, steps: int = 4000, batch_size: in
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed,
+            "label_dropout": label_dropout,
             "final_loss_ema": running, "train_seconds": round(time.perf_counter() - start, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     ema.save_pretrained(out_dir / "transformer", safe_serialization=True)

@@ -63,12 +63,27 @@ def test_reuse_skips_the_whole_transformer(adapter):
     assert len(calls) == engine.full_steps == 1 + 2  # steps 0, 1, 6
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped, trained toy_dit: smooth feature trajectories, unlike random weights."""
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg()
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
 @pytest.mark.parametrize("name", ["fora", "taylorseer", "foca", "reuse"])
-def test_cached_output_differs_but_stays_close(adapter, name):
-    reference, _ = generate(adapter, "none")
-    out, _ = generate(adapter, name, N=3)
-    rel = ((out - reference).norm() / reference.norm()).item()
-    assert 0.0 < rel < 0.5
+def test_cached_output_differs_but_stays_close_on_the_trained_toy(toy, name):
+    labels, noise = torch.tensor([3, 8]), toy.make_noise([0, 1])
+
+    def sample(cache):
+        with CacheEngine(methods.build({**cache, "warmup": 1}), toy.sites()) as engine:
+            return toy.generate(engine, labels, noise, 50, 1.5)
+
+    reference = sample({"name": "none"})
+    rel = ((sample({"name": name, "N": 3}) - reference).norm() / reference.norm()).item()
+    assert 0.0 < rel < 0.1
 
 
 def test_same_seed_twice_is_identical_and_reset_survives_an_exception(adapter):
@@ -111,7 +126,7 @@ def test_replay_reproduces_live_generation_exactly(adapter, cache):
     for site in sites:
         values = trace[site]  # (T, 2B, S, D)
         assert values.shape[0] == STEPS
-        out = replay(name, values, trace["times"], trace["full"], warmup=1, **cache)
+        out = replay(name, values, trace["times"], trace["full"], warmup=1, **{"time": "step", **cache})
         assert torch.equal(out, values), site
 
 

@@ -58,7 +58,7 @@ def test_trace_is_saved_and_replayable(tmp_path):
     trace = load_file(record["trace"])
     site = "blocks.0.attn/default"
     assert trace[site].shape[0] == 8 and trace["full"].tolist() == [i in (0, 1, 4, 7) for i in range(8)]
-    assert torch.equal(replay("foca", trace[site], trace["times"], trace["full"], N=3), trace[site])
+    assert torch.equal(replay("foca", trace[site], trace["times"], trace["full"], N=3, time="step"), trace[site])
 
 
 def test_run_id_ignores_paths_and_is_stable():
@@ -98,7 +98,8 @@ def test_missing_toy_checkpoint_names_path_and_make_target(tmp_path):
 
 def test_missing_real_weights_exit_fast_with_instructions(tmp_path):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "run.py", "model=dit_xl_2", f"results_dir={tmp_path}"], cwd=REPO_DIR,
+    proc = subprocess.run([sys.executable, "run.py", "model=dit_xl_2", "profile.benchmark=false",
+                           f"results_dir={tmp_path}"], cwd=REPO_DIR,
                           capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     elapsed = time.perf_counter() - start
     assert proc.returncode != 0
