@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
-N_VALUES ?= 3,5
 
 .PHONY: install demo test test-slow toy-model tables flops-dit clean-results
 
@@ -18,11 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The default job: full compute, FoCa (both slope readings and the BDF2-only ablation), TaylorSeer, FORA and
-# reuse at N=3 and N=5 on the embedded toy_dit, then the Table-3-shaped table from the records.
+# reuse at N=3 and N=5 on the embedded toy_dit (one cell per conf/experiment/toy_dit_*.yaml, one process),
+# then the Table-3-shaped table from the records.
 demo: install
-	$(RUN) -m method=none,reuse,fora,taylorseer,foca cache.N=$(N_VALUES)
-	$(RUN) -m method=foca cache.N=$(N_VALUES) cache.slope=full
-	$(RUN) -m method=foca cache.N=$(N_VALUES) cache.corrector=none
+	$(RUN) -m "experiment=glob(toy_dit_*)"
 	$(PY) -m foca_bench.tables
 
 test: install

@@ -36,7 +36,9 @@ def digit_metrics(fake: Tensor, labels: Tensor, real: Tensor, classifier: DigitC
         fid.update(chunk, real=False)
         inception.update(chunk)
         correct += (classifier(chunk).argmax(1) == chunk_labels).sum().item()
-    is_mean, _ = inception.compute()
+    with torch.random.fork_rng():  # torchmetrics' IS shuffles with the global RNG: seed it for reproducible records
+        torch.manual_seed(0)
+        is_mean, _ = inception.compute()
     return {
         "fid": metric(fid.compute(), higher_is_better=False),
         "is": metric(is_mean, higher_is_better=True),

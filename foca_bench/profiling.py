@@ -4,7 +4,7 @@ FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the whole denoising loop,
 (the decoder is excluded, as in the paper's tables). CPU scaled-dot-product attention is counted through a
 registered formula where the installed torch does not count it. Latency: median wall time over repeats after a
 warm-up, with CUDA events and synchronisation on a GPU. Speed-ups are always against `method=none` under the
-same config, measured in the same process (see `runner.baseline_profile`).
+same config in the same run: latency interleaved with the baseline (see `runner.profile`).
 """
 
 import statistics
@@ -38,26 +38,44 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_latency(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3) -> dict:
-    """Median and spread of `fn()`'s wall time, after `warmup` untimed runs.
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call: CUDA events with synchronisation on a GPU, perf_counter elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    Returns:
-        {"median_s", "min_s", "max_s", "repeats"}.
-    """
+
+def _stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+
+
+def measure_latency(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3) -> dict:
+    """Median and spread of `fn()`'s wall time, after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
-    times = []
+    return _stats([time_once(fn, device) for _ in range(repeats)])
+
+
+def measure_latency_pair(fn: Callable[[], object], baseline: Callable[[], object], device: torch.device,
+                         warmup: int = 1, repeats: int = 3) -> tuple[dict, dict]:
+    """Latency of `fn` and of `baseline`, interleaved (B, A, B, A, ...) so machine drift cancels in the ratio.
+
+    Returns:
+        (stats of fn, stats of baseline), each {"median_s", "min_s", "max_s", "repeats"}.
+    """
+    for _ in range(warmup):
+        baseline()
+        fn()
+    mine, base = [], []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+        base.append(time_once(baseline, device))
+        mine.append(time_once(fn, device))
+    return _stats(mine), _stats(base)

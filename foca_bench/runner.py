@@ -23,7 +23,7 @@ from foca_bench.adapters.base import Adapter
 from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from foca_bench.profiling import count_flops, measure_latency
+from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair
 from foca_bench.records import atomic_write_json, environment, record_path, run_id
 from methods.base import CacheConfig
 
@@ -75,44 +75,44 @@ def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torc
     return torch.cat(images), stats
 
 
-def _profile_one(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
-    out: dict[str, Any] = {}
-    num_classes = max(cfg.model.num_classes, 1)
-    if cfg.profile.flops:  # one sample, the whole denoising loop
-        one = torch.tensor([0])
-        out["flops"] = count_flops(lambda: generate(adapter, cache, cfg, one, [0], 1))
-    if cfg.profile.latency and adapter.device.type != "meta":
-        b = cfg.profile.batch_size
-        labels = torch.arange(b) % num_classes
-        seeds = list(range(b))
-        lat = measure_latency(lambda: generate(adapter, cache, cfg, labels, seeds, b), torch.device(device),
-                              cfg.profile.warmup, cfg.profile.repeats)
-        out["latency_s"] = lat["median_s"]
-        out["latency_detail"] = {**lat, "batch_size": b}
-    return out
+def _count_flops(adapter: Adapter, cache: CacheConfig, cfg: DictConfig) -> int:
+    """FLOPs of one sample's whole denoising loop."""
+    return count_flops(lambda: generate(adapter, cache, cfg, torch.tensor([0]), [0], 1))
 
 
-def baseline_profile(adapter: Adapter, cfg: DictConfig, device: str) -> dict:
-    """FLOPs and latency of `method=none` under this config, measured once per process."""
-    key = _key(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.sampler, resolve=True),
-               OmegaConf.to_container(cfg.profile, resolve=True), device)
+def _baseline_flops(adapter: Adapter, cfg: DictConfig) -> int:
+    """FLOPs of `method=none` under this config (deterministic: counted once per process)."""
+    key = _key(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.sampler, resolve=True))
     if key not in _BASELINES:
-        log.info("Profiling <none> baseline for speed-ups")
-        _BASELINES[key] = _profile_one(adapter, methods.get("none").config_class(), cfg, device)
-    return _BASELINES[key]
+        _BASELINES[key] = {"flops": _count_flops(adapter, methods.get("none").config_class(), cfg)}
+    return _BASELINES[key]["flops"]
 
 
 def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
-    """The record's `profile` block: flops, latency_s, and speed-ups against `none`."""
-    mine = _profile_one(adapter, cache, cfg, device)
-    base = mine if cache.name == "none" else baseline_profile(adapter, cfg, device)
-    block = dict(mine)
-    if "flops" in mine:
-        block["flops_none"] = base["flops"]
-        block["flops_speedup"] = base["flops"] / mine["flops"]
-    if "latency_s" in mine:
-        block["latency_none_s"] = base["latency_s"]
-        block["latency_speedup"] = base["latency_s"] / mine["latency_s"]
+    """The record's `profile` block: flops, latency_s, and speed-ups against `none` under the same config.
+
+    Latency is measured interleaved with the `none` baseline in this run (so drift of a shared machine cancels
+    in the ratio) on a batch of `profile.batch_size`, median of `profile.repeats` after `profile.warmup`.
+    """
+    block: dict[str, Any] = {}
+    none = methods.get("none").config_class()
+    if cfg.profile.flops:
+        block["flops"] = _count_flops(adapter, cache, cfg)
+        block["flops_none"] = block["flops"] if cache.name == "none" else _baseline_flops(adapter, cfg)
+        block["flops_speedup"] = block["flops_none"] / block["flops"]
+    if cfg.profile.latency and adapter.device.type != "meta":
+        b = cfg.profile.batch_size
+        labels, seeds = torch.arange(b) % max(cfg.model.num_classes, 1), list(range(b))
+        run_method = lambda: generate(adapter, cache, cfg, labels, seeds, b)
+        args = (torch.device(device), cfg.profile.warmup, cfg.profile.repeats)
+        if cache.name == "none":
+            mine = base = measure_latency(run_method, *args)
+        else:
+            mine, base = measure_latency_pair(run_method, lambda: generate(adapter, none, cfg, labels, seeds, b),
+                                              *args)
+        block.update(latency_s=mine["median_s"], latency_none_s=base["median_s"],
+                     latency_speedup=base["median_s"] / mine["median_s"],
+                     latency_detail={**mine, "batch_size": b, "none": base, "protocol": "interleaved with none"})
     return block
 
 

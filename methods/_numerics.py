@@ -7,6 +7,7 @@ that the tests check on polynomials and exponentials.
 import math
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 
@@ -39,10 +40,12 @@ def taylor_factors(feature: Tensor, previous: Sequence[Optional[Tensor]], dt: fl
 
 
 def taylor_eval(factors: Sequence[Tensor], distance: float) -> Tensor:
-    """Truncated Taylor sum: sum_k factors[k] / k! * distance**k."""
-    out = factors[0]
-    for k in range(1, len(factors)):
-        out = out + factors[k] * (distance**k / math.factorial(k))
+    """Truncated Taylor sum: sum_k factors[k] / k! * distance**k (one fused kernel per order)."""
+    if len(factors) == 1:
+        return factors[0]
+    out = torch.add(factors[0], factors[1], alpha=distance)
+    for k in range(2, len(factors)):
+        out.add_(factors[k], alpha=distance**k / math.factorial(k))
     return out
 
 
@@ -59,3 +62,30 @@ def bdf2_predict(current: Tensor, previous: Tensor, slope: Tensor, h: float, w: 
 def heun_correct(current: Tensor, predicted: Tensor, anchor_slope: Tensor, h: float) -> Tensor:
     """Heun (trapezoidal) corrector, eq. 8: F_i + h/2 (D_full + (F^ - F_i) / h)."""
     return current + anchor_slope * (h / 2.0) + (predicted - current) * 0.5
+
+
+def foca_weights(h: float, dt: float, slope: str, corrector: str) -> tuple[float, float]:
+    """FoCa's forecast as F_i + k1 (F_i - F_{i-1}) + k2 D_full, the fused form of `bdf2_predict`+`heun_correct`.
+
+    The predictor is F^ = F_i + B (F_i - F_{i-1}) + C s with B = w^2/(1+2w), C = h(1+w)/(1+2w) (A - B = 1).
+    With the local slope s = (F_i - F_{i-1})/dt, B + C/dt = w: the BDF2 predictor collapses to linear
+    extrapolation through the last two points. Heun then gives F_i + (F^ - F_i)/2 + h/2 D_full.
+
+    Returns:
+        (k1, k2).
+    """
+    w = h / dt
+    b, c = w * w / (1.0 + 2.0 * w), h * (1.0 + w) / (1.0 + 2.0 * w)
+    k1, k2 = (w, 0.0) if slope == "local" else (b, c)
+    if corrector == "heun":
+        k1, k2 = k1 / 2.0, k2 / 2.0 + h / 2.0
+    return k1, k2
+
+
+def extrapolate(current: Tensor, previous: Tensor, k1: float, extra: Optional[Tensor] = None,
+                k2: float = 0.0) -> Tensor:
+    """current + k1 (current - previous) + k2 extra, in two kernels (lerp, add_)."""
+    out = torch.lerp(current, previous, -k1)
+    if extra is not None and k2 != 0.0:
+        out.add_(extra, alpha=k2)
+    return out

@@ -9,13 +9,16 @@ At a skipped step i+1, with h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
 1. slope s = (F_i - F_{i-1}) / (t_i - t_{i-1})        (`slope=local`, default: "the two most recent timesteps")
          or s = D_full                                (`slope=full`);
 2. BDF2 predictor F^ = (1+w)^2/(1+2w) F_i - w^2/(1+2w) F_{i-1} + h (1+w)/(1+2w) s   (w = 1: eq. 7);
+   (with the local slope this is exactly linear extrapolation F_i + w (F_i - F_{i-1}));
 3. Heun corrector F_{i+1} = F_i + h/2 (D_full + (F^ - F_i)/h)   (`corrector=heun`, eq. 8, with D_full as the
    slope at "the latest fully computed step" and (F^ - F_i)/h as the slope at the predicted end);
    `corrector=none` keeps F^ (the paper's BDF2-only ablation, Figure 7);
 4. F_{i+1} becomes the newest trajectory point.
 While fewer than two trajectory points exist a skipped step reuses F_i (and that value becomes a point too).
 
-Memory: at most four tensors per site (F_{i-1}, F_i, F_b, D_full); right after a full step F_b is F_i.
+Steps 2-3 are evaluated in the fused form `_numerics.foca_weights` derives (two kernels per site);
+tests check it against `bdf2_predict`/`heun_correct`. Memory: at most four tensors per site (F_{i-1}, F_i,
+F_b, D_full); right after a full step F_b is F_i.
 """
 
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from typing import Optional, Union
 from torch import Tensor
 
 from methods import register
-from methods._numerics import bdf2_predict, divided_difference, heun_correct
+from methods._numerics import divided_difference, extrapolate, foca_weights
 from methods.base import CacheConfig, CacheMethod, SiteKey, Step
 
 
@@ -87,11 +90,9 @@ class FoCa(CacheMethod):
         if s.previous is None:
             value = s.current
         else:
-            h = t - s.t_current
-            dt = s.t_current - s.t_previous
-            slope = divided_difference(s.current, s.previous, dt) if self.cfg.slope == "local" else s.d_full
-            value = bdf2_predict(s.current, s.previous, slope, h, h / dt)
-            if self.cfg.corrector == "heun":
-                value = heun_correct(s.current, value, s.d_full, h)
+            # bdf2_predict + heun_correct, fused into F_i + k1 (F_i - F_{i-1}) + k2 D_full (2 kernels)
+            k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
+            d_full = s.d_full if isinstance(s.d_full, Tensor) else None
+            value = extrapolate(s.current, s.previous, k1, d_full, k2)
         s.push(value, t)
         return value

@@ -85,3 +85,10 @@ def test_method_yaml_files_only_set_values():
         text = Path(REPO_DIR / f"conf/method/{name}.yaml").read_text()
         assert text.startswith("# @package cache")
         assert f"/schema/method/{name}@_here_" in text
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO_DIR / "conf/experiment").glob("*.yaml")))
+def test_every_experiment_cell_composes_and_names_its_command(cfg_factory, experiment):
+    text = (REPO_DIR / f"conf/experiment/{experiment}.yaml").read_text()
+    assert "# Table:" in text and f"python run.py experiment={experiment}" in text
+    validate(cfg_factory(f"experiment={experiment}"))

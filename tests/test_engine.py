@@ -147,3 +147,26 @@ def test_named_cfg_contexts_keep_separate_caches(adapter):
                 assert torch.equal(attn(torch.zeros_like(x_cond)), a)
             with engine.context("uncond"):
                 assert torch.equal(attn(torch.zeros_like(x_uncond)), b)
+
+
+@pytest.mark.parametrize("cache", [dict(name="foca", N=3), dict(name="taylorseer", N=4), dict(name="fora", N=2)])
+def test_feeder_elision_is_bit_identical(adapter, cache):
+    """Skipping the LayerNorm+modulation that only feeds a skipped site changes nothing."""
+    outs = []
+    for elide in (True, False):
+        with CacheEngine(methods.build({**cache, "warmup": 1}), adapter.sites(), elide_feeders=elide) as engine:
+            outs.append(adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_feeder_stand_in_is_used_on_forecast_steps(adapter):
+    """norm3 yields all tokens at full steps and the (B, 1, D) stand-in at forecast steps."""
+    calls = []
+    block = adapter.transformer.transformer_blocks[0]
+    hook = block.norm3.register_forward_hook(lambda module, args, out: calls.append(out.shape[1]))
+    try:
+        _, engine = generate(adapter, "foca", N=3)
+    finally:
+        hook.remove()
+    tokens = (16 // 2) ** 2
+    assert calls.count(tokens) == engine.full_steps and calls.count(1) == STEPS - engine.full_steps

@@ -212,3 +212,27 @@ def test_time_axis_step_ignores_times():
     step_axis = replay("foca", values, times, mask, time="step")
     uniform = replay("foca", values, torch.arange(T, dtype=torch.float64), mask, time="sigma")
     assert torch.equal(step_axis, uniform)
+
+
+@pytest.mark.parametrize("slope", ["local", "full"])
+@pytest.mark.parametrize("corrector", ["heun", "none"])
+@pytest.mark.parametrize("h,dt", [(1.0, 1.0), (-20.0, -20.0), (0.3, 0.7), (-0.05, -0.11)])
+def test_fused_foca_equals_bdf2_then_heun(slope, corrector, h, dt):
+    """The two-kernel form FoCa runs equals the documented predictor/corrector composition."""
+    from methods._numerics import bdf2_predict, extrapolate, foca_weights, heun_correct
+
+    g = torch.Generator().manual_seed(0)
+    cur, prev, d_full = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    s = (cur - prev) / dt if slope == "local" else d_full
+    expected = bdf2_predict(cur, prev, s, h, h / dt)
+    if corrector == "heun":
+        expected = heun_correct(cur, expected, d_full, h)
+    k1, k2 = foca_weights(h, dt, slope, corrector)
+    torch.testing.assert_close(extrapolate(cur, prev, k1, d_full, k2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_local_slope_bdf2_is_linear_extrapolation():
+    from methods._numerics import bdf2_predict
+
+    cur, prev, h, dt = torch.tensor(2.0), torch.tensor(1.5), 0.4, 0.25
+    assert bdf2_predict(cur, prev, (cur - prev) / dt, h, h / dt).item() == pytest.approx(2.0 + 0.5 * h / dt)

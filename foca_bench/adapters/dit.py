@@ -90,8 +90,14 @@ class DiTAdapter(Adapter):
     def sites(self) -> list[Site]:
         sites = []
         for i, block in enumerate(self.transformer.transformer_blocks):
-            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1))
-            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff))
+            # The pre-attention LayerNorm (inside adaLN-Zero's norm1) feeds only attn1, and norm3 only ff, as
+            # long as the block has no positional embedding, cross-attention or GLIGEN fuser.
+            dedicated = block.norm_type == "ada_norm_zero" and block.pos_embed is None and block.attn2 is None
+            first_token = lambda x, *a, **k: x[:, :1]  # (B, 1, D) view: broadcasts through the modulation
+            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1,
+                              feeders=((block.norm1.norm, first_token),) if dedicated else ()))
+            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff,
+                              feeders=((block.norm3, first_token),) if dedicated else ()))
         # called with return_dict=False below, so the model returns a 1-tuple
         sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
         return sites
