@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install demo test test-slow toy-model tables flops-dit clean-results
+.PHONY: install demo test test-slow toy-model tables flops-dit bench clean-results
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ flops-dit: install
 	$(RUN) -m model=dit_xl_2 profile=flops_only method=none,foca cache.N=2,3,5
 	$(RUN) -m model=dit_xl_2 profile=flops_only method=none sampler.steps=25,20,12
 	$(PY) -m foca_bench.tables
+
+# Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.
+bench: install
+	$(PY) -m foca_bench.bench_latency
 
 clean-results:
 	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/hydra
