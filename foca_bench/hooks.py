@@ -80,10 +80,14 @@ class CacheEngine:
         self._installed: list[nn.Module] = []
 
     def __enter__(self) -> "CacheEngine":
-        for site in self.sites:
-            self._install(site.module, self._wrap(site, site.module.forward), site.name)
-            for feeder, stand_in in site.feeders if self.elide_feeders else ():
-                self._install(feeder, self._wrap_feeder(feeder.forward, stand_in), f"{site.name} feeder")
+        try:
+            for site in self.sites:
+                self._install(site.module, self._wrap(site, site.module.forward), site.name)
+                for feeder, stand_in in site.feeders if self.elide_feeders else ():
+                    self._install(feeder, self._wrap_feeder(feeder.forward, stand_in), f"{site.name} feeder")
+        except BaseException:
+            self.__exit__()  # leave no half-installed hooks behind
+            raise
         return self
 
     def _install(self, module: nn.Module, forward: Callable[..., Any], what: str) -> None:

@@ -1,12 +1,14 @@
 """One run: validate the config, profile FLOPs and latency, run the benchmark, write the record.
 
-Speed-ups are measured against `method=none` under the same config in the same process (memoised, so a
-local multirun measures the baseline once). The full-compute reference samples of a benchmark are cached on
+Speed-ups are measured against `method=none` under the same config in the same process: its FLOPs are counted
+once per process (they are deterministic), its latency is measured interleaved with each run's own (machine
+drift cancels in the ratio). The full-compute reference samples of a benchmark are cached on
 disk under `results/cache/reference/`, keyed by everything that determines them, so every cached run of a sweep
 is compared with the very same baseline images.
 """
 
 import copy
+import os
 import json
 import logging
 import time
@@ -30,7 +32,7 @@ from methods.base import CacheConfig
 log = logging.getLogger("foca_bench")
 
 _ADAPTERS: dict[str, Adapter] = {}
-_BASELINES: dict[str, dict] = {}
+_BASELINE_FLOPS: dict[str, int] = {}
 
 
 def _key(*parts: Any) -> str:
@@ -83,9 +85,9 @@ def _count_flops(adapter: Adapter, cache: CacheConfig, cfg: DictConfig) -> int:
 def _baseline_flops(adapter: Adapter, cfg: DictConfig) -> int:
     """FLOPs of `method=none` under this config (deterministic: counted once per process)."""
     key = _key(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.sampler, resolve=True))
-    if key not in _BASELINES:
-        _BASELINES[key] = {"flops": _count_flops(adapter, methods.get("none").config_class(), cfg)}
-    return _BASELINES[key]["flops"]
+    if key not in _BASELINE_FLOPS:
+        _BASELINE_FLOPS[key] = _count_flops(adapter, methods.get("none").config_class(), cfg)
+    return _BASELINE_FLOPS[key]
 
 
 def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
@@ -125,7 +127,7 @@ def _reference_path(cfg: DictConfig, device: str, cache_dir: Path) -> Path:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent jobs never share one
     torch.save(obj, tmp)
     tmp.replace(path)
 
@@ -225,7 +227,7 @@ def save_trace(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, results: P
     _, stats = generate(adapter, cache, cfg, torch.tensor([0]), [cfg.benchmark.seed], 1, trace=True)
     path = results / "traces" / cfg.model.name / cache.name / f"{rid}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent jobs never share one
     save_file({k: v.contiguous() for k, v in stats["trace"].items()}, str(tmp))
     tmp.replace(path)  # atomic, like every file this harness writes
     log.info(f"Wrote trace {path}")

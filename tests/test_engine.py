@@ -107,6 +107,15 @@ def test_hooks_are_removed_on_exit(adapter):
         assert "forward" not in site.module.__dict__
 
 
+def test_a_second_engine_on_the_same_model_is_refused_and_leaves_nothing_behind(adapter):
+    with CacheEngine(methods.build({"name": "fora", "N": 2}), adapter.sites()):
+        other = CacheEngine(methods.build({"name": "foca", "N": 2}), adapter.sites())
+        with pytest.raises(RuntimeError, match="already hooked"):
+            other.__enter__()
+        assert other._installed == []
+    assert all("forward" not in s.module.__dict__ for s in adapter.sites())
+
+
 def test_batch_composition_does_not_change_a_sample(adapter):
     pair, _ = generate(adapter, "foca", labels=(1, 7), seeds=(0, 1), N=3)
     alone, _ = generate(adapter, "foca", labels=(7,), seeds=(1,), N=3)
