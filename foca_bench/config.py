@@ -115,9 +115,9 @@ register_schemas()
 
 
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
-    """How many of `steps` steps the interval schedule computes in full."""
-    warmup = cache.warmup or 0
-    return sum(1 for i in range(steps) if i < warmup or (i - warmup) % cache.N == 0)
+    """How many of `steps` steps the interval schedule (`CacheMethod.is_full`) computes in full."""
+    is_full = methods.get(cache.name)(cache).is_full
+    return sum(1 for i in range(steps) if is_full(i))
 
 
 def validate(cfg: DictConfig) -> CacheConfig:
