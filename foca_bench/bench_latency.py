@@ -13,7 +13,7 @@ import torch
 
 import methods
 from foca_bench.adapters import build_adapter
-from foca_bench.config import schedule_full_steps, validate
+from foca_bench.config import compose, schedule_full_steps, validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops, time_once
 
@@ -24,12 +24,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
-    from hydra import compose, initialize_config_dir
-
-    from foca_bench import REPO_DIR
-
-    with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base=None):
-        cfg = compose(config_name="config")
+    cfg = compose()
     validate(cfg)
     adapter = build_adapter(cfg.model, "cpu")
     labels, noise = torch.arange(args.batch) % 10, adapter.make_noise(list(range(args.batch)))

@@ -114,6 +114,17 @@ def register_schemas() -> None:
 register_schemas()
 
 
+def compose(*overrides: str) -> DictConfig:
+    """Composes `conf/config.yaml` with command-line style overrides, outside `run.py` (tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from foca_bench import REPO_DIR
+
+    with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
     """How many of `steps` steps the interval schedule (`CacheMethod.is_full`) computes in full."""
     is_full = methods.get(cache.name)(cache).is_full

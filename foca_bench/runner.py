@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -125,11 +125,16 @@ def _reference_path(cfg: DictConfig, device: str, cache_dir: Path) -> Path:
     return cache_dir / f"{run_id({'reference': key})}.pt"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then `os.replace` into place: no reader ever sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent jobs never share one
-    torch.save(obj, tmp)
+    write(tmp)
     tmp.replace(path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def reference_samples(adapter: Adapter, cfg: DictConfig, labels: torch.Tensor, seeds: list[int], device: str,
@@ -226,10 +231,7 @@ def save_trace(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, results: P
 
     _, stats = generate(adapter, cache, cfg, torch.tensor([0]), [cfg.benchmark.seed], 1, trace=True)
     path = results / "traces" / cfg.model.name / cache.name / f"{rid}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent jobs never share one
-    save_file({k: v.contiguous() for k, v in stats["trace"].items()}, str(tmp))
-    tmp.replace(path)  # atomic, like every file this harness writes
+    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in stats["trace"].items()}, str(tmp)))
     log.info(f"Wrote trace {path}")
     return path
 

@@ -21,8 +21,8 @@ tests check it against `bdf2_predict`/`heun_correct`. Memory: at most four tenso
 F_b, D_full); right after a full step F_b is F_i.
 """
 
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 from torch import Tensor
 
@@ -60,7 +60,7 @@ class _SiteState:
     t_full: float
     previous: Optional[Tensor] = None  # F_{i-1}
     t_previous: float = 0.0
-    d_full: Union[Tensor, float] = field(default=0.0)  # D_full; 0 while one full step exists
+    d_full: Optional[Tensor] = None  # D_full; None (zero) while only one full step exists
 
     def push(self, value: Tensor, t: float) -> None:
         self.previous, self.t_previous = self.current, self.t_current
@@ -92,7 +92,6 @@ class FoCa(CacheMethod):
         else:
             # bdf2_predict + heun_correct, fused into F_i + k1 (F_i - F_{i-1}) + k2 D_full (2 kernels)
             k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
-            d_full = s.d_full if isinstance(s.d_full, Tensor) else None
-            value = extrapolate(s.current, s.previous, k1, d_full, k2)
+            value = extrapolate(s.current, s.previous, k1, s.d_full, k2)
         s.push(value, t)
         return value

@@ -21,6 +21,11 @@ from foca_bench.hooks import CacheEngine, Site
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
 
 
+def _first_token(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Stand-in for a skipped site's LayerNorm: a (B, 1, D) view that broadcasts through the modulation."""
+    return x[:, :1]
+
+
 @register_adapter("toy_dit", "dit_xl_2")
 class DiTAdapter(Adapter):
     def __init__(self, cfg: Any, device: str) -> None:
@@ -93,11 +98,10 @@ class DiTAdapter(Adapter):
             # The pre-attention LayerNorm (inside adaLN-Zero's norm1) feeds only attn1, and norm3 only ff, as
             # long as the block has no positional embedding, cross-attention or GLIGEN fuser.
             dedicated = block.norm_type == "ada_norm_zero" and block.pos_embed is None and block.attn2 is None
-            first_token = lambda x, *a, **k: x[:, :1]  # (B, 1, D) view: broadcasts through the modulation
             sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1,
-                              feeders=((block.norm1.norm, first_token),) if dedicated else ()))
+                              feeders=((block.norm1.norm, _first_token),) if dedicated else ()))
             sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff,
-                              feeders=((block.norm3, first_token),) if dedicated else ()))
+                              feeders=((block.norm3, _first_token),) if dedicated else ()))
         # called with return_dict=False below, so the model returns a 1-tuple
         sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
         return sites
