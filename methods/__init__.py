@@ -84,8 +84,8 @@ def replay(name: str, values: Tensor, times: Tensor, full: Tensor, **config: Any
     method.reset()
     key = SiteKey("replay")
     out = [
-        resolve(method, key, Step(i, float(times[i])), bool(full[i]), lambda v=values[i]: v)
-        for i in range(len(values))
+        resolve(method, key, Step(i, float(times[i])), bool(full[i]), lambda v=values[i]: v).clone()
+        for i in range(len(values))  # clone: a forecast is only valid until the next step
     ]
     return torch.stack(out)
 

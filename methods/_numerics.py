@@ -83,9 +83,9 @@ def foca_weights(h: float, dt: float, slope: str, corrector: str) -> tuple[float
 
 
 def extrapolate(current: Tensor, previous: Tensor, k1: float, extra: Optional[Tensor] = None,
-                k2: float = 0.0) -> Tensor:
+                k2: float = 0.0, out: Optional[Tensor] = None) -> Tensor:
     """current + k1 (current - previous) + k2 extra, in two kernels (lerp, add_)."""
-    out = torch.lerp(current, previous, -k1)
+    out = torch.lerp(current, previous, -k1, out=out)
     if extra is not None and k2 != 0.0:
         out.add_(extra, alpha=k2)
     return out

@@ -113,7 +113,11 @@ class CacheMethod(ABC):
 
     @abstractmethod
     def forecast(self, key: SiteKey, step: Step) -> Tensor:
-        """Returns the value `key` takes at a step that is not computed."""
+        """Returns the value `key` takes at a step that is not computed.
+
+        The tensor is valid until the method's next step of `key` (a method may reuse its buffer); a caller
+        that keeps it longer copies it.
+        """
 
     @abstractmethod
     def reset(self) -> None:

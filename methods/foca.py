@@ -18,7 +18,10 @@ While fewer than two trajectory points exist a skipped step reuses F_i (and that
 
 Steps 2-3 are evaluated in the fused form `_numerics.foca_weights` derives (two kernels per site);
 tests check it against `bdf2_predict`/`heun_correct`. Memory: at most four tensors per site (F_{i-1}, F_i,
-F_b, D_full); right after a full step F_b is F_i.
+F_b, D_full); right after a full step F_b is F_i. A forecast is written into the buffer of the forecast two
+steps back once nothing else references it, so a run of skipped steps allocates nothing: a returned forecast
+is valid until the site's next step (the `CacheMethod.forecast` contract; the engine's trace and `replay`
+copy what they keep).
 """
 
 from dataclasses import dataclass
@@ -61,10 +64,13 @@ class _SiteState:
     previous: Optional[Tensor] = None  # F_{i-1}
     t_previous: float = 0.0
     d_full: Optional[Tensor] = None  # D_full; None (zero) while only one full step exists
+    current_is_ours: bool = False  # F_i is a forecast buffer only this state references
+    spare: Optional[Tensor] = None  # F_{i-1} when it is ours: overwritten by the next forecast
 
-    def push(self, value: Tensor, t: float) -> None:
+    def push(self, value: Tensor, t: float, ours: bool = False) -> None:
+        self.spare = self.current if self.current_is_ours else None
         self.previous, self.t_previous = self.current, self.t_current
-        self.current, self.t_current = value, t
+        self.current, self.t_current, self.current_is_ours = value, t, ours
 
 
 @register("foca")
@@ -92,6 +98,7 @@ class FoCa(CacheMethod):
         else:
             # bdf2_predict + heun_correct, fused into F_i + k1 (F_i - F_{i-1}) + k2 D_full (2 kernels)
             k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
-            value = extrapolate(s.current, s.previous, k1, s.d_full, k2)
-        s.push(value, t)
+            # written into F_{i-1}'s buffer when it is a forecast of ours (no allocation, no page faults)
+            value = extrapolate(s.current, s.previous, k1, s.d_full, k2, out=s.spare)
+        s.push(value, t, ours=value is not s.current)
         return value

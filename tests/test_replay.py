@@ -236,3 +236,26 @@ def test_local_slope_bdf2_is_linear_extrapolation():
 
     cur, prev, h, dt = torch.tensor(2.0), torch.tensor(1.5), 0.4, 0.25
     assert bdf2_predict(cur, prev, (cur - prev) / dt, h, h / dt).item() == pytest.approx(2.0 + 0.5 * h / dt)
+
+
+def test_foca_skipped_run_reuses_its_own_buffers_only():
+    """Forecasts two steps apart share storage (no allocation per skipped step), a computed feature or the
+    last full value is never overwritten, and the values stay those of the unfused closed form."""
+    from methods.base import SiteKey, Step, resolve
+
+    method = methods.build({"name": "foca", "N": 6, "warmup": 2})
+    key = SiteKey("s")
+    f = TRAJECTORIES["quadratic"]
+    computed, outs = {}, []
+    for i in range(8):  # full at 0, 1, 2 then skipped 3..7
+        value = resolve(method, key, Step(i, float(i)), method.is_full(i),
+                        lambda i=i: computed.setdefault(i, torch.full((4,), f(float(i)), dtype=torch.float64)))
+        outs.append((value, value.clone()))  # keeping `value` alive: equal addresses mean a reused buffer
+    ptr = [v.data_ptr() for v, _ in outs]
+    assert ptr[5] == ptr[3] and ptr[6] == ptr[4] and ptr[7] == ptr[5]
+    assert all(ptr[i] != t.data_ptr() for i in range(3, 8) for t in computed.values())
+    assert torch.equal(computed[2], torch.full((4,), f(2.0), dtype=torch.float64))  # F_b untouched
+    full = [i < 3 for i in range(8)]
+    expected = expected_foca(f, [float(i) for i in range(8)], full, "local", "heun")
+    for (_, value), e in zip(outs, expected):
+        assert value[0].item() == pytest.approx(e, rel=1e-12, abs=1e-12)

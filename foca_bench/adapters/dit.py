@@ -115,7 +115,7 @@ class DiTAdapter(Adapter):
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.cat(noise).to(self.device, self.dtype)  # (B, C, H, W), identical on every device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
                  guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
         engine.reset()  # every generation starts from a clean cache
@@ -142,7 +142,7 @@ class DiTAdapter(Adapter):
             x = self.scheduler.step(eps, t, x).prev_sample
         return x
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:
             if self.cfg.vae:
