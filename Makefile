@@ -17,10 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The default job: full compute, FoCa (both slope readings and the BDF2-only ablation), TaylorSeer, FORA and
-# reuse at N=3 and N=5 on the embedded toy_dit (one cell per conf/experiment/toy_dit_*.yaml, one process),
-# then the Table-3-shaped table from the records.
+# reuse at N=3 and N=5 on the embedded toy_dit (conf/experiment/toy_dit.yaml: one job per conf/row/toy_dit/*.yaml,
+# one process), then the Table-3-shaped table (Markdown + LaTeX) and the figures from the records.
 demo: install
-	$(RUN) -m "experiment=glob(toy_dit_*)"
+	$(RUN) -m experiment=toy_dit
 	$(PY) -m foca_bench.tables
 
 test: install
@@ -36,10 +36,9 @@ toy-model: install
 tables: install
 	$(PY) -m foca_bench.tables
 
-# The paper's Table 3 FLOPs on the real DiT-XL/2 architecture, on the meta device (no weights needed).
+# The paper's Table 3 rows on the real DiT-XL/2 architecture, FLOPs on the meta device (no weights needed).
 flops-dit: install
-	$(RUN) -m model=dit_xl_2 profile=flops_only method=none,foca cache.N=2,3,5
-	$(RUN) -m model=dit_xl_2 profile=flops_only method=none sampler.steps=25,20,12
+	$(RUN) -m experiment=table3_dit
 	$(PY) -m foca_bench.tables
 
 # Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.
@@ -47,4 +46,4 @@ bench: install
 	$(PY) -m foca_bench.bench_latency
 
 clean-results:
-	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/hydra
+	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/figures results/hydra

@@ -62,7 +62,8 @@ class CacheEngine:
     Args:
         method: the caching method.
         sites: every site the adapter offers; the engine hooks those whose role the method caches.
-        trace: record the value of every hooked site at every step (on CPU; for one-sample runs).
+        trace: record the value of every hooked site at every step (on CPU; for one-sample runs); with a method
+            that caches nothing, the `attn` and `mlp` sites are hooked to be traced.
         elide_feeders: skip the sites' feeders on forecast steps (see `Site.feeders`).
     """
 
@@ -70,7 +71,9 @@ class CacheEngine:
                  elide_feeders: bool = True) -> None:
         self.method = method
         self.elide_feeders = elide_feeders
-        self.sites = [s for s in sites if s.role in method.roles]
+        # a method that caches nothing (`none`) still has its attention/MLP trajectories traced when asked
+        roles = method.roles or (("attn", "mlp") if trace else ())
+        self.sites = [s for s in sites if s.role in roles]
         self.trace: Optional[Trace] = Trace() if trace else None
         self.branch = "default"
         self._step: Optional[Step] = None

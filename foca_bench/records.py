@@ -79,7 +79,7 @@ def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid:
 def iter_records(results_dir: Path) -> Iterator[tuple[Path, dict]]:
     """Every record under `results_dir` (skips caches, Hydra outputs and the paper's reference data)."""
     for path in sorted(Path(results_dir).glob("*/*/*/*.json")):
-        if path.parts[-4] in ("cache", "hydra", "paper", "traces", "tables"):
+        if path.parts[-4] in ("cache", "hydra", "paper", "traces", "tables", "figures", "wandb"):
             continue
         with open(path) as f:
             yield path, json.load(f)

@@ -1,25 +1,54 @@
 """Tables from records only: `python -m foca_bench.tables` (`make tables`).
 
-Writes one Markdown table per (benchmark, model) to `results/tables/`, shaped like the paper's Table 3
-(Method | Latency | FLOPs | Speed | quality columns), with ↑/↓ markers as lm-eval's `make_table` does. Every
-row names the record it comes from. Display names live here and nowhere else.
+Writes, per (benchmark, model) group of records, a Markdown and a LaTeX table to `results/tables/`, shaped like
+the paper's Table 3 (Method | Latency | FLOPs | Speed | quality columns) with ↑/↓ markers as lm-eval's
+`make_table` does. Where the paper has a table for the model (`results/paper/<table>.yaml`, the paper's own
+numbers as labelled reference data), its rows come first in the paper's order, each of our columns sits beside
+the paper's and our value carries its difference to the paper's (relative for cost columns, absolute for
+quality). Every number of ours names the record it comes from; a row with no record shows `—`. Display names
+live here and nowhere else.
 """
 
 import argparse
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
+
+import yaml
 
 import methods
+from foca_bench import REPO_DIR
 from foca_bench.records import iter_records
 
+PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa"}
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
 }
-METRIC_NAMES = {"fid": "FID", "is": "IS", "class_acc": "Acc", "psnr": "PSNR", "ssim": "SSIM", "rel_l2": "RelL2"}
-METRIC_ORDER = list(METRIC_NAMES)
+# column key -> (header, digits, higher_is_better, suffix); quality metrics add their own from the records
+COLUMNS = {
+    "latency_s": ("Latency(s)", 3, False, ""),
+    "latency_speedup": ("Latency speed", 2, True, "×"),
+    "flops_T": ("FLOPs(T)", 4, False, ""),
+    "flops_speedup": ("Speed", 2, True, "×"),
+}
+METRIC_NAMES = {"fid": "FID", "is": "IS", "class_acc": "Acc", "psnr": "PSNR", "ssim": "SSIM", "rel_l2": "RelL2",
+                "image_reward": "ImageReward", "clip_score": "CLIP", "vbench": "VBench(%)"}
+METRIC_DIGITS = {"rel_l2": 4, "ssim": 4, "image_reward": 4}
+HIGHER_IS_BETTER = {"fid": False, "rel_l2": False}  # paper-only metrics default to ↑
+
+
+@dataclass
+class Table:
+    """A rendered table: plain-text cells, rendered to Markdown or LaTeX."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
 
 
 def label(record: dict) -> str:
@@ -28,86 +57,227 @@ def label(record: dict) -> str:
     steps = record["config"]["sampler"]["steps"]
     if method == "none":
         return f"DDIM-{steps} steps"
-    defaults = {f.name: f.default for f in dataclasses.fields(methods.get(method).config_class)}
     name = METHOD_NAMES.get(method, method)
     knobs = [f"N={cache['N']}"]
     if method == "foca" and cache.get("corrector") == "none":
         name = "BDF2-only"
-    for key, value in cache.items():
-        if key in ("name", "N", "warmup", "corrector"):
-            continue
-        if key == "O" or value != defaults.get(key):
-            knobs.append(f"{key}={value}")
-    if cache.get("warmup") != record["config"]["model"]["warmup"]:
-        knobs.append(f"warmup={cache['warmup']}")
+    for key in _non_default_knobs(record, show_order=True):
+        if key != "corrector":
+            knobs.append(f"{key}={cache[key]}")
     suffix = "" if steps == 50 else f", {steps} steps"
     return f"{name} ({', '.join(knobs)}{suffix})"
 
 
-def _fmt(value, digits: int = 3) -> str:
+def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
+    """Cache knobs of a record beyond N that differ from the method's defaults (`show_order`: Taylor order too)."""
+    cache = record["config"]["cache"]
+    defaults = {f.name: f.default for f in dataclasses.fields(methods.get(record["method"]).config_class)}
+    knobs = [k for k, v in cache.items()
+             if k not in ("name", "N", "warmup") and (v != defaults.get(k) or (show_order and k == "O"))]
+    if "warmup" in cache and cache["warmup"] != record["config"]["model"]["warmup"]:
+        knobs.append("warmup")
+    return knobs
+
+
+def values(record: dict) -> dict[str, Optional[float]]:
+    """A record's numbers by column key."""
+    p = record["profile"]
+    out: dict[str, Optional[float]] = {
+        "latency_s": p.get("latency_s"), "latency_speedup": p.get("latency_speedup"),
+        "flops_T": p["flops"] / 1e12 if "flops" in p else None, "flops_speedup": p.get("flops_speedup"),
+    }
+    out.update({m: v["value"] for m, v in record.get("metrics", {}).items()})
+    return out
+
+
+def _fmt(value: Optional[float], digits: int = 3, suffix: str = "") -> str:
     if value is None:
         return "—"
     if isinstance(value, float) and math.isinf(value):
         return "∞"
-    return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}{suffix}"
 
 
-def build_table(records: list[tuple[Path, dict]]) -> str:
-    """Markdown for one (benchmark, model) group; later records of the same row replace earlier ones."""
+def _column(key: str, records: list[dict]) -> tuple[str, int, str]:
+    """(header with ↑/↓, digits, suffix) of a column key."""
+    if key in COLUMNS:
+        name, digits, up, suffix = COLUMNS[key]
+    else:
+        up = next((r["metrics"][key]["higher_is_better"] for r in records if key in r.get("metrics", {})),
+                  HIGHER_IS_BETTER.get(key, True))
+        name, digits, suffix = METRIC_NAMES.get(key, key), METRIC_DIGITS.get(key, 3), ""
+    return f"{name} {'↑' if up else '↓'}", digits, suffix
+
+
+def _latest_by_label(records: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
     rows: dict[str, tuple[Path, dict]] = {}
     for path, rec in sorted(records, key=lambda pr: pr[0].stat().st_mtime):
-        rows[label(rec)] = (path, rec)
-    metrics = [m for m in METRIC_ORDER if any(m in r.get("metrics", {}) for _, r in rows.values())]
-    arrow = {}
-    for _, rec in rows.values():
-        for m, v in rec.get("metrics", {}).items():
-            arrow[m] = "↑" if v["higher_is_better"] else "↓"
-    header = ["Method", "Latency(s) ↓", "FLOPs(T) ↓", "Speed ↑", "Latency speed ↑", "Full steps"]
-    header += [f"{METRIC_NAMES[m]} {arrow[m]}" for m in metrics] + ["Record"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows[label(rec)] = (path, rec)  # later records of the same row replace earlier ones
+    return rows
+
+
+def _full_steps(rec: dict) -> str:
+    return f"{rec['samples'].get('full_steps', '—')}/{rec['samples']['steps']}"
+
+
+def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:
+    """Our records only (a model the paper has no table for)."""
+    rows = _latest_by_label(records)
+    recs = [r for _, r in rows.values()]
+    keys = ["latency_s", "flops_T", "flops_speedup", "latency_speedup"]
+    keys += [m for m in METRIC_NAMES if any(m in r.get("metrics", {}) for r in recs)]
+    cols = [_column(k, recs) for k in keys]
+    header = ["Method", *(c[0] for c in cols[:4]), "Full steps", *(c[0] for c in cols[4:]), "Record"]
 
     def order(item):
-        _, rec = item[1]
+        rec = item[1][1]
         return (rec["method"] != "none" or rec["config"]["sampler"]["steps"] != 50,
                 -rec["profile"].get("flops", 0.0), item[0])
 
-    for name, (path, rec) in sorted(rows.items(), key=order):
-        p = rec["profile"]
-        cells = [
-            name,
-            _fmt(p.get("latency_s")),
-            _fmt(p["flops"] / 1e12, 4) if "flops" in p else "—",
-            f"{p['flops_speedup']:.2f}×" if "flops_speedup" in p else "—",
-            f"{p['latency_speedup']:.2f}×" if "latency_speedup" in p else "—",
-            f"{rec['samples'].get('full_steps', '—')}/{rec['samples']['steps']}",
-        ]
-        cells += [_fmt(rec["metrics"][m]["value"], 4 if m in ("rel_l2", "ssim") else 3) if m in rec.get("metrics", {})
-                  else "—" for m in metrics]
-        cells.append(f"`{rec['run_id']}`")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    out = []
+    for name, (_, rec) in sorted(rows.items(), key=order):
+        v = values(rec)
+        cells = [_fmt(v.get(k), d, s) for k, (_, d, s) in zip(keys, cols)]
+        out.append([name, *cells[:4], _full_steps(rec), *cells[4:], f"`{rec['run_id']}`"])
+    return Table(title, header, out)
 
 
-def write_tables(results_dir: Path, out_dir: Path) -> list[Path]:
+def load_paper_tables(paper_dir: Path = PAPER_DIR) -> dict[str, dict]:
+    """The paper's tables (reference data) by model name."""
+    tables = {}
+    for path in sorted(Path(paper_dir).glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        tables[data["model"]] = {**data, "path": path}
+    return tables
+
+
+def _lookup(record: dict, dotted: str) -> Any:
+    if dotted == "method":
+        return record["method"]
+    node: Any = record["config"]
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def matches(record: dict, match: Optional[dict]) -> bool:
+    """A record is a paper row's if every `match` key agrees and its other knobs are the method's defaults."""
+    if not match or any(_lookup(record, k) != v for k, v in match.items()):
+        return False
+    return all(f"cache.{k}" in match for k in _non_default_knobs(record))
+
+
+def _difference(ours: Optional[float], paper: Optional[float], relative: bool) -> str:
+    if ours is None or paper is None:
+        return ""
+    if relative:
+        return f" ({100 * (ours - paper) / paper:+.2f}%)" if paper else ""
+    return f" (Δ {ours - paper:+.3g})"
+
+
+def build_paper_table(paper: dict, records: list[tuple[Path, dict]], title: str = "") -> Table:
+    """The paper's rows in its order, ours beside the paper's; our records matching no paper row follow."""
+    recs = [r for _, r in records]
+    keys = list(paper["columns"])
+    keys += [k for k in ("latency_s", "latency_speedup", "flops_T", "flops_speedup") if k not in keys]
+    keys += [m for m in METRIC_NAMES if m not in keys and any(m in r.get("metrics", {}) for r in recs)]
+    cols = {k: _column(k, recs) for k in keys}
+    header = ["Method"]
+    for k in keys:
+        header += [f"{cols[k][0]} (ours)", f"{cols[k][0]} (paper)"] if k in paper["columns"] else [cols[k][0]]
+    header += ["Full steps", "Record"]
+
+    used: set[int] = set()
+    out = []
+
+    def row_cells(rec: Optional[dict], paper_values: dict) -> list[str]:
+        v = values(rec) if rec else {}
+        cells = []
+        for k in keys:
+            _, digits, suffix = cols[k]
+            ours = _fmt(v.get(k), digits, suffix)
+            if k in paper["columns"]:
+                ours += _difference(v.get(k), paper_values.get(k), relative=k in COLUMNS)
+                cells += [ours, _fmt(paper_values.get(k), digits, suffix)]
+            else:
+                cells.append(ours)
+        cells += [_full_steps(rec) if rec else "—", f"`{rec['run_id']}`" if rec else "paper only"]
+        return cells
+
+    for prow in paper["rows"]:
+        found = [(p, r) for p, r in records if matches(r, prow["match"])]
+        rec = max(found, key=lambda pr: pr[0].stat().st_mtime)[1] if found else None
+        used.update(id(r) for _, r in found)
+        out.append([prow["label"], *row_cells(rec, prow["paper"])])
+    rest = [(p, r) for p, r in records if id(r) not in used]
+    for name, (_, rec) in _latest_by_label(rest).items():
+        out.append([f"{name} (ours only)", *row_cells(rec, {})])
+    notes = [f"Paper columns: {paper['source']} ({paper['title']}), from `{paper['path'].relative_to(REPO_DIR)}`; "
+             "the paper's own numbers, not produced by foca-bench. Our cells show (ours - paper) in brackets: "
+             "relative for cost columns, absolute for quality."]
+    if paper.get("note"):
+        notes.append(paper["note"])
+    return Table(title, header, out, notes)
+
+
+def to_markdown(table: Table) -> str:
+    lines = [f"## {table.title}", "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    return "\n".join(lines + [""] + table.notes) + "\n"
+
+
+_LATEX = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
+          "×": r"$\times$", "Δ": r"$\Delta$", "—": "--", "α": r"$\alpha$", "∞": r"$\infty$", "`": "", "→": r"$\to$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs table (`\\usepackage{booktabs}`)."""
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", f"\\caption{{{_tex(table.title)}}}",
+             r"\begin{tabular}{l" + "r" * (len(table.header) - 1) + "}", r"\toprule",
+             " & ".join(_tex(h) for h in table.header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {_tex(note)}" for note in table.notes]
+    return "\n".join(lines + [r"\end{table}"]) + "\n"
+
+
+def _latency_note(results_dir: Path, benchmark: str, model: str, first: dict) -> str:
+    lat = first["profile"].get("latency_detail", {})
+    where = f"`{results_dir}/{benchmark}/{model}/<method>/<Record>.json`"
+    if not lat:
+        return f"FLOPs: one sample's whole generation (FlopCounterMode). Each row's numbers come from {where}."
+    return (f"Latency: median of {lat.get('repeats')} runs of a batch of {lat.get('batch_size')} on "
+            f"{first['device']} after warm-up, interleaved with DDIM-50; FLOPs: one sample's whole generation "
+            f"(FlopCounterMode). Speed = FLOPs speed-up against DDIM-50 in the same process. Each row's numbers "
+            f"come from {where}.")
+
+
+def write_tables(results_dir: Path, out_dir: Path, paper_dir: Path = PAPER_DIR) -> list[Path]:
+    """Markdown and LaTeX per (benchmark, model) group of records; returns the Markdown paths."""
     groups: dict[tuple[str, str], list] = {}
     for path, rec in iter_records(results_dir):
         groups.setdefault((rec["benchmark"], rec["model"]), []).append((path, rec))
+    papers = load_paper_tables(paper_dir)
     written = []
     for (benchmark, model), records in sorted(groups.items()):
-        first = records[0][1]
-        lat = first["profile"].get("latency_detail", {})
-        note = (f"Latency: median of {lat.get('repeats')} runs of a batch of {lat.get('batch_size')} on "
-                f"{first['device']} after warm-up; FLOPs: one sample's whole generation (FlopCounterMode). Speed "
-                "= FLOPs speed-up against DDIM-50 in the same process. Each row's numbers come from "
-                f"`{results_dir}/{benchmark}/{model}/<method>/<Record>.json`.") if lat else (
-                f"FLOPs: one sample's whole generation (FlopCounterMode). Rows come from "
-                f"`{results_dir}/{benchmark}/{model}/<method>/<Record>.json`.")
-        text = f"## {benchmark} on {MODEL_NAMES.get(model, model)}\n\n{build_table(records)}\n\n{note}\n"
+        title = f"{benchmark} on {MODEL_NAMES.get(model, model)}"
+        if model in papers:
+            table = build_paper_table(papers[model], records, f"{title} (paper {papers[model]['table']})")
+        else:
+            table = build_table(records, title)
+        table.notes.append(_latency_note(results_dir, benchmark, model, records[0][1]))
         out = out_dir / f"{benchmark}_{model}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        out.write_text(to_markdown(table))
+        out.with_suffix(".tex").write_text(to_latex(table))
         written.append(out)
-        print(text)
+        print(to_markdown(table))
     if not groups:
         print(f"No records under {results_dir}: run `python run.py ...` first.")
     return written
@@ -117,8 +287,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--out", type=Path, default=None, help="default: <results>/tables")
+    parser.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                        help="also draw the figures (foca_bench.figures)")
     args = parser.parse_args()
-    write_tables(args.results, args.out or args.results / "tables")
+    out = args.out or args.results / "tables"
+    write_tables(args.results, out)
+    if args.figures:
+        from foca_bench.figures import write_figures
+
+        write_figures(args.results, args.results / "figures")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,30 @@ def test_method_yaml_files_only_set_values():
         assert f"/schema/method/{name}@_here_" in text
 
 
+ROWS = sorted(p.relative_to(REPO_DIR / "conf/row").with_suffix("").as_posix()
+              for p in (REPO_DIR / "conf/row").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_every_table_row_composes_to_the_command_it_names(cfg_factory, row):
+    """A row file (`conf/row/<experiment>/<row>.yaml`) equals the plain overrides its comment spells out."""
+    import re
+
+    experiment, name = row.split("/")
+    text = (REPO_DIR / f"conf/row/{row}.yaml").read_text()
+    command = f"python run.py experiment={experiment} +row/{experiment}={name}"
+    assert command in text
+    plain = re.search(re.escape(command) + r"\s+\(= (.*)\)", text).group(1).split()
+    via_row = cfg_factory(f"experiment={experiment}", f"+row/{experiment}={name}")
+    via_plain = cfg_factory(f"experiment={experiment}", *plain)
+    validate(via_row), validate(via_plain)
+    for key in ("model", "cache", "sampler", "benchmark", "profile", "trace"):
+        assert via_row[key] == via_plain[key], key
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO_DIR / "conf/experiment").glob("*.yaml")))
-def test_every_experiment_cell_composes_and_names_its_command(cfg_factory, experiment):
+def test_every_experiment_sweeps_its_rows(cfg_factory, experiment):
     text = (REPO_DIR / f"conf/experiment/{experiment}.yaml").read_text()
-    assert "# Table:" in text and f"python run.py experiment={experiment}" in text
+    assert f"python run.py -m experiment={experiment}" in text and f"+row/{experiment}: glob(*)" in text
+    assert any(r.startswith(f"{experiment}/") for r in ROWS)
     validate(cfg_factory(f"experiment={experiment}"))
