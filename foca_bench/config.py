@@ -7,7 +7,7 @@ by `methods.register` (group `schema/method`); `validate` runs the cross-field c
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -91,11 +91,32 @@ class ProfileConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking; not part of a run's identity.
+
+    Attributes:
+        name: `none` (records only) or `wandb`.
+        project, entity, group, tags: the wandb run's place (group defaults to the Hydra sweep directory).
+        mode: `offline` (no network; `wandb sync <dir>` later), `online` or `disabled`.
+        dir: where wandb writes its run directories (`<dir>/wandb/offline-run-*`).
+    """
+
+    name: str = "none"
+    project: str = "foca-bench"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    mode: str = "offline"
+    dir: str = "results"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     cache: CacheConfig = MISSING
     benchmark: BenchmarkConfig = MISSING
     profile: ProfileConfig = MISSING
+    logger: LoggerConfig = MISSING
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     device: str = "auto"
     trace: bool = False
@@ -109,6 +130,7 @@ def register_schemas() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
 register_schemas()
@@ -162,6 +184,9 @@ def validate(cfg: DictConfig) -> CacheConfig:
     for key in ("batch_size", "repeats"):
         if cfg.profile[key] < 1:
             raise ValueError(f"profile.{key}={cfg.profile[key]} must be >= 1.")
+    if cfg.logger.name not in ("none", "wandb") or cfg.logger.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"logger={cfg.logger.name} logger.mode={cfg.logger.mode}: choose logger=none or "
+                         "logger=wandb with logger.mode=offline|online|disabled.")
     if cfg.benchmark.samples_per_class < 1 or cfg.benchmark.batch_size < 1:
         raise ValueError("benchmark.samples_per_class and benchmark.batch_size must be >= 1.")
     return cache

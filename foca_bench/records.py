@@ -7,18 +7,21 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
+import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from foca_bench import REPO_DIR
 
 PACKAGES = ("torch", "torchvision", "diffusers", "hydra-core", "omegaconf", "torchmetrics", "torch-fidelity",
             "numpy", "safetensors", "scikit-learn")
 # Keys that say where things are, not what was computed: excluded from a run's identity.
-PATH_KEYS = {"path", "results_dir", "force", "device"}
+PATH_KEYS = {"path", "results_dir", "force", "device", "logger"}
 
 
 def _strip(node: Any) -> Any:
@@ -83,3 +86,50 @@ def iter_records(results_dir: Path) -> Iterator[tuple[Path, dict]]:
             continue
         with open(path) as f:
             yield path, json.load(f)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def claim(path: Path) -> Iterator[Optional[dict]]:
+    """Claims the computation of the record at `path` among concurrent jobs (processes or hosts sharing the
+    filesystem), with an exclusive-create lock file next to it.
+
+    Yields:
+        None when this process holds the claim (the lock is removed on exit, also on error), else the holder's
+        {"host", "pid", "started"}. A lock left by a dead process of this host is taken over; one from another
+        host is respected (remove `.<run_id>.lock` by hand if its job is gone).
+    """
+    lock = path.with_name(f".{path.stem}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            stale = holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))
+            if stale:
+                lock.unlink(missing_ok=True)
+                continue
+            yield holder or {"host": "?", "pid": "?", "started": None}
+            return
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            yield None
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield {"host": "?", "pid": "?", "started": None}  # lost a race for a stale lock twice: let the winner run

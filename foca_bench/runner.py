@@ -26,7 +26,8 @@ from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair
-from foca_bench.records import atomic_write_json, environment, record_path, run_id
+from foca_bench.records import atomic_write_json, claim, environment, record_path, run_id
+from foca_bench.tracking import log_run
 from methods.base import CacheConfig
 
 log = logging.getLogger("foca_bench")
@@ -180,7 +181,18 @@ def run(cfg: DictConfig) -> dict:
     if path.is_file() and not cfg.force:
         log.info(f"Record exists, skipping (force=true reruns): {path}")
         return json.loads(path.read_text())
+    with claim(path) as holder:  # concurrent jobs of the same cell: one computes, the others skip
+        if holder is not None:
+            log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is computing {path}")
+            return {"run_id": rid, "skipped": "another job is computing this record", "holder": holder}
+        if path.is_file() and not cfg.force:  # it finished between our check and our claim
+            return json.loads(path.read_text())
+        return _compute(cfg, cache, config, rid, path, bench_name, started)
 
+
+def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: Path, bench_name: str,
+             started: float) -> dict:
+    results = Path(cfg.results_dir)
     device = resolve_device(cfg.device)
     benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None  # fails early
     adapter = get_adapter(cfg.model, device)
@@ -222,6 +234,7 @@ def run(cfg: DictConfig) -> dict:
     atomic_write_json(path, record)
     log.info(f"Wrote record {path}")
     print(summary_line(record))
+    log_run(cfg, record, path)
     return record
 
 
