@@ -77,6 +77,9 @@ class ProfileConfig:
     flops: count FLOPs over one sample's whole generation with `FlopCounterMode`.
     latency: median wall time of one batch of `batch_size` after `warmup` runs, over `repeats` runs.
     benchmark: run the benchmark's generation and metrics.
+    baseline_steps: the step count of the full-compute baseline every speed-up is measured against (the paper's
+        tables compare with the 50-step original, so `method=none sampler.steps=25` is a 2x row); null: the
+        run's own `sampler.steps`.
     meta: build the model on the meta device with no weights (FLOP counting of any model config).
     """
 
@@ -88,6 +91,7 @@ class ProfileConfig:
     batch_size: int = 16
     warmup: int = 1
     repeats: int = 3
+    baseline_steps: Optional[int] = 50
 
 
 @dataclass
@@ -181,6 +185,9 @@ def validate(cfg: DictConfig) -> CacheConfig:
             raise ValueError(f"cache.O={order} needs at least {order + 1} full steps, but sampler.steps="
                              f"{cfg.sampler.steps}, cache.N={cache.N}, cache.warmup={cache.warmup} compute only "
                              f"{full}: lower cache.O or cache.N, or raise sampler.steps.")
+    if cfg.profile.baseline_steps is not None and cfg.profile.baseline_steps < 1:
+        raise ValueError(f"profile.baseline_steps={cfg.profile.baseline_steps} must be >= 1 (or null: the run's "
+                         "own sampler.steps).")
     for key in ("batch_size", "repeats"):
         if cfg.profile[key] < 1:
             raise ValueError(f"profile.{key}={cfg.profile[key]} must be >= 1.")

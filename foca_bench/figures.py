@@ -28,6 +28,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+plt.rcParams.update({"axes.titlesize": 9})
 import torch  # noqa: E402
 
 import methods  # noqa: E402
@@ -56,7 +58,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def forecast_errors(trace: dict[str, torch.Tensor], N: int, warmup: int = 1) -> dict[str, torch.Tensor]:
-    """Per-step relative error (mean over sites) of each forecaster's schedule replayed over a full trace."""
+    """Per-step relative error (mean over sites) of each forecaster's schedule replayed over a full trace; NaN at
+    full steps (exact by construction)."""
     sites = _site_tensors(trace)
     T = len(trace["times"])
     full = torch.tensor([i < warmup or (i - warmup) % N == 0 for i in range(T)])
@@ -64,7 +67,7 @@ def forecast_errors(trace: dict[str, torch.Tensor], N: int, warmup: int = 1) -> 
     for name, (method, cfg) in FORECASTERS.items():
         errs = [_rel(methods.replay(method, v, trace["times"], full, N=N, time="step", **cfg), v)
                 for v in sites.values()]
-        out[name] = torch.stack(errs).mean(0)
+        out[name] = torch.stack(errs).mean(0).masked_fill(full, float("nan"))  # full steps: exact, not drawn
     return out
 
 
@@ -150,7 +153,8 @@ def trace_figures(results_dir: Path, out_dir: Path, N: int = 5) -> list[Path]:
         ax2 = ax.twinx()
         ax2.plot(steps, index.numpy(), color="C3", label="stiffness index")
         ax2.set_ylabel("stiffness index", color="C3")
-        fig.legend(loc="upper left", fontsize=7)
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="upper center", fontsize=7)
         written += _save(fig, out_dir, f"stiffness_{model}", sources)
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -167,6 +171,12 @@ def trace_figures(results_dir: Path, out_dir: Path, N: int = 5) -> list[Path]:
 def _quality_metric(records: list[dict]) -> Optional[str]:
     return next((m for m in QUALITY if any(r.get("metrics", {}).get(m, {}).get("value") is not None
                                            for r in records)), None)
+
+
+def _spread_axis(ax, ys: list[float]) -> None:
+    """A log scale when positive values span more than a factor of 20 (one diverged method hides the rest)."""
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
 
 
 def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
@@ -198,6 +208,7 @@ def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set(xlabel="FLOPs speed-up", ylabel=ylabel,
                title=f"Quality vs speed-up: {benchmark}\n{_title(model)}")
+        _spread_axis(ax, [p[1] for pts in series.values() for p in pts])
         ax.legend(fontsize=7)
         written += _save(fig, out_dir, f"frontier_{benchmark}_{model}", sources)
 
@@ -208,6 +219,7 @@ def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
             ax.set(xlabel="FLOPs speed-up", ylabel=ylabel,
                    title=f"Heun correction ablation: {benchmark}\n{_title(model)}")
+            _spread_axis(ax, [p[1] for pts in ablation.values() for p in pts])
             ax.legend()
             written += _save(fig, out_dir, f"heun_ablation_{benchmark}_{model}",
                              [str(p) for pts in ablation.values() for *_, p in pts])

@@ -91,27 +91,38 @@ def _baseline_flops(adapter: Adapter, cfg: DictConfig) -> int:
     return _BASELINE_FLOPS[key]
 
 
+def baseline_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` with the step count of the full-compute baseline of every speed-up (`profile.baseline_steps`)."""
+    base = copy.deepcopy(cfg)
+    base.sampler.steps = cfg.profile.baseline_steps or cfg.sampler.steps
+    return base
+
+
 def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
-    """The record's `profile` block: flops, latency_s, and speed-ups against `none` under the same config.
+    """The record's `profile` block: flops, latency_s, and speed-ups against `none` under the same config at
+    `profile.baseline_steps` steps (so `method=none sampler.steps=25` is the paper's 2x "DDIM-25 steps" row).
 
     Latency is measured interleaved with the `none` baseline in this run (so drift of a shared machine cancels
     in the ratio) on a batch of `profile.batch_size`, median of `profile.repeats` after `profile.warmup`.
     """
     block: dict[str, Any] = {}
     none = methods.get("none").config_class()
+    base_cfg = baseline_config(cfg)
+    is_baseline = cache.name == "none" and base_cfg.sampler.steps == cfg.sampler.steps
+    block["baseline"] = {"method": "none", "steps": base_cfg.sampler.steps}
     if cfg.profile.flops:
         block["flops"] = _count_flops(adapter, cache, cfg)
-        block["flops_none"] = block["flops"] if cache.name == "none" else _baseline_flops(adapter, cfg)
+        block["flops_none"] = block["flops"] if is_baseline else _baseline_flops(adapter, base_cfg)
         block["flops_speedup"] = block["flops_none"] / block["flops"]
     if cfg.profile.latency and adapter.device.type != "meta":
         b = cfg.profile.batch_size
         labels, seeds = torch.arange(b) % max(cfg.model.num_classes, 1), list(range(b))
         run_method = lambda: generate(adapter, cache, cfg, labels, seeds, b)
         args = (torch.device(device), cfg.profile.warmup, cfg.profile.repeats)
-        if cache.name == "none":
+        if is_baseline:
             mine = base = measure_latency(run_method, *args)
         else:
-            mine, base = measure_latency_pair(run_method, lambda: generate(adapter, none, cfg, labels, seeds, b),
+            mine, base = measure_latency_pair(run_method, lambda: generate(adapter, none, base_cfg, labels, seeds, b),
                                               *args)
         block.update(latency_s=mine["median_s"], latency_none_s=base["median_s"],
                      latency_speedup=base["median_s"] / mine["median_s"],
@@ -210,11 +221,12 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
                                  desc=f"<{bench_name}: {cache.name}> generating")
         generation_s = time.perf_counter() - t0
         ref_dir = results / "cache" / "reference"
-        if cache.name == "none":  # the baseline's own samples are the reference of the whole sweep
-            reference = images
+        base_cfg = baseline_config(cfg)  # fidelity is measured against the full-compute original
+        if cache.name == "none" and base_cfg.sampler.steps == cfg.sampler.steps:
+            reference = images  # the baseline's own samples are the reference of the whole sweep
             _atomic_save(images, _reference_path(cfg, device, ref_dir))
         else:
-            reference = reference_samples(adapter, cfg, labels, seeds, device, ref_dir)
+            reference = reference_samples(adapter, base_cfg, labels, seeds, device, ref_dir)
         log.info(f"Evaluating <{bench_name}> on {len(images)} samples")
         record["metrics"] = benchmark.evaluate(images, labels, reference)
         record["samples"] = {"count": len(images), "seeds": [seeds[0], seeds[-1]], "seed_rule": "seed + index",

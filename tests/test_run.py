@@ -18,7 +18,7 @@ from foca_bench.tables import write_tables
 from tests.conftest import TINY, make_cfg
 
 QUICK = (*TINY, "sampler.steps=8", "benchmark.samples_per_class=2", "benchmark.batch_size=10",
-         "profile.batch_size=2", "profile.repeats=1", "profile.warmup=0")
+         "profile.batch_size=2", "profile.repeats=1", "profile.warmup=0", "profile.baseline_steps=null")
 
 
 def test_run_writes_records_and_tables(tmp_path):
@@ -125,3 +125,18 @@ def test_shipped_toy_model_draws_recognisable_digits():
     classifier = load_classifier()
     accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.8
+
+
+def test_step_reduction_rows_are_measured_against_the_full_step_baseline(tmp_path):
+    """`method=none sampler.steps=k` is the paper's "DDIM-k steps" row: its speed-ups are against the
+    `profile.baseline_steps`-step original, and per-step FLOPs are constant, so the FLOPs speed-up is exact."""
+    cfg = make_cfg(*QUICK, f"results_dir={tmp_path}", "method=none", "sampler.steps=4", "profile.baseline_steps=8",
+                   "profile.benchmark=false")
+    record = run(cfg)
+    p = record["profile"]
+    assert p["baseline"] == {"method": "none", "steps": 8}
+    assert p["flops_none"] == 2 * p["flops"] and p["flops_speedup"] == 2.0
+    assert p["latency_detail"]["none"]["repeats"] == 1 and p["latency_speedup"] > 1.0  # 8 steps vs 4, paired
+    own = run(make_cfg(*QUICK, f"results_dir={tmp_path}", "method=none", "sampler.steps=4",
+                       "profile.benchmark=false"))
+    assert own["profile"]["flops_speedup"] == 1.0 and own["run_id"] != record["run_id"]

@@ -14,7 +14,7 @@ from tests.conftest import TINY, make_cfg
 from tests.wandb_log import logged
 
 QUICK = (*TINY, "sampler.steps=6", "benchmark.samples_per_class=1", "benchmark.batch_size=10",
-         "profile.batch_size=2", "profile.repeats=1", "profile.warmup=0")
+         "profile.batch_size=2", "profile.repeats=1", "profile.warmup=0", "profile.baseline_steps=null")
 
 
 def _multirun(tmp_path, *overrides):
