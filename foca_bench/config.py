@@ -28,6 +28,8 @@ class ModelConfig:
         weights: `pretrained` (load `path`/`hub_id`), `random` (same classes, random init) or `meta` (no
             memory, FLOP counting only).
         warmup: the model's default `cache.warmup`.
+        method_defaults: settings that depend on the model and the method together, by method name (e.g.
+            `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
     """
 
     name: str = MISSING
@@ -42,6 +44,7 @@ class ModelConfig:
     dtype: str = "float32"
     arch: Dict[str, Any] = field(default_factory=dict)
     scheduler: Dict[str, Any] = field(default_factory=dict)
+    method_defaults: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,12 +171,26 @@ def validate(cfg: DictConfig) -> CacheConfig:
     """
     if cfg.cache.warmup is None:
         cfg.cache.warmup = cfg.model.warmup
+    for key, value in (cfg.model.method_defaults.get(cfg.cache.name) or {}).items():
+        if key not in cfg.cache:
+            raise ValueError(f"model.method_defaults.{cfg.cache.name}.{key}: `{cfg.cache.name}` has no knob "
+                             f"{key!r}; its knobs are {sorted(cfg.cache)}.")
+        if cfg.cache[key] is None or (OmegaConf.is_list(cfg.cache[key]) and len(cfg.cache[key]) == 0):
+            cfg.cache[key] = value
     if cfg.profile.meta:  # FLOP counting on the meta device never needs weights
         cfg.model.weights = "meta"
     if cfg.sampler.guidance_scale is None:
         cfg.sampler.guidance_scale = cfg.model.guidance_scale
     cache = OmegaConf.to_object(cfg.cache)  # runs the method's __post_init__ checks
     method_cls = methods.get(cache.name)
+    if method_cls.adaptive and cfg.model.weights == "meta":
+        raise ValueError(f"method={cache.name} decides each step from feature values, which the meta device does "
+                         "not have: count its FLOPs with model.weights=random (and profile.latency=false) instead "
+                         "of profile=flops_only.")
+    for key in method_cls.model_specific:
+        if getattr(cache, key) in (None, [], ()):
+            raise ValueError(f"cache.{key} is unset and model `{cfg.model.name}` has no "
+                             f"model.method_defaults.{cache.name}.{key}: set one of them; {method_cls.how_to_set}.")
     if cfg.sampler.steps < 1:
         raise ValueError(f"sampler.steps={cfg.sampler.steps} must be >= 1.")
     if cfg.model.weights not in ("pretrained", "random", "meta"):

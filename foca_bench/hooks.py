@@ -37,6 +37,12 @@ class Site:
             DiT block's attention), with a cheap stand-in for their output. On a forecast step their result
             is dead, so the engine returns the stand-in instead of running them, as the official caching
             codes do by not computing a skipped branch's input. Results are bit-identical (tested).
+        span: for a residual stack of blocks (role `blocks`): `module` is its first block and `span` the
+            blocks after it, each called as `block(hidden_states, ...) -> hidden_states`. The cached value is
+            the stack's residual (output minus input hidden states); on a forecast step the first block
+            returns input + residual and the others pass their input through without running.
+        signal: `(args, kwargs) of the first block -> Tensor`, the cheap indicator an adaptive method decides
+            from (TeaCache: the first block's modulated input).
     """
 
     name: str
@@ -45,6 +51,12 @@ class Site:
     unpack: Callable[[Any], Tensor] = _identity
     pack: Callable[[Tensor], Any] = _identity
     feeders: tuple[tuple[nn.Module, Callable[..., Any]], ...] = ()
+    span: tuple[nn.Module, ...] = ()
+    signal: Optional[Callable[[tuple, dict], Tensor]] = None
+
+
+def _hidden(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 @dataclass
@@ -81,10 +93,18 @@ class CacheEngine:
         self.full_steps = 0
         self.total_steps = 0
         self._installed: list[nn.Module] = []
+        self._span_input: dict[SiteKey, Optional[Tensor]] = {}  # per (stack, branch) at this step; None: skipped
+        self._decided_full: Optional[bool] = None  # adaptive methods: whether any site computed at this step
 
     def __enter__(self) -> "CacheEngine":
         try:
             for site in self.sites:
+                if site.role == "blocks":
+                    self._install(site.module, self._wrap_span_head(site, site.module.forward), site.name)
+                    for j, block in enumerate(site.span):
+                        last = j == len(site.span) - 1
+                        self._install(block, self._wrap_span_tail(site, block.forward, last), f"{site.name}.{j + 1}")
+                    continue
                 self._install(site.module, self._wrap(site, site.module.forward), site.name)
                 for feeder, stand_in in site.feeders if self.elide_feeders else ():
                     self._install(feeder, self._wrap_feeder(feeder.forward, stand_in), f"{site.name} feeder")
@@ -109,24 +129,31 @@ class CacheEngine:
         self.method.reset()
         self.branch = "default"
         self._step = self._plan = None
+        self._span_input.clear()
         self.full_steps = self.total_steps = 0
         if self.trace is not None:
             self.trace = Trace()
 
     @contextmanager
-    def step(self, index: int, t: float) -> Iterator[Plan]:
-        """Opens denoising step `index` at scheduler time `t`; yields the method's plan."""
-        self._step = Step(index, float(t))
+    def step(self, index: int, t: float, total: Optional[int] = None) -> Iterator[Plan]:
+        """Opens denoising step `index` (of `total`) at scheduler time `t`; yields the method's plan.
+
+        For an adaptive method the plan is provisional: each site decides with `method.decide`, and the step
+        counts as full when any site computed."""
+        self._step = Step(index, float(t), total)
         self._plan = self.method.plan(self._step)
+        self._decided_full = None
         self.total_steps += 1
-        self.full_steps += int(self._plan.full)
-        if self.trace is not None:
-            self.trace.times.append(float(t))
-            self.trace.full.append(self._plan.full)
         try:
             yield self._plan
         finally:
+            full = self._plan.full if self._decided_full is None else self._decided_full
+            self.full_steps += int(full)
+            if self.trace is not None:
+                self.trace.times.append(float(t))
+                self.trace.full.append(full)
             self._step = self._plan = None
+            self._span_input.clear()
 
     @contextmanager
     def context(self, branch: str) -> Iterator[None]:
@@ -142,13 +169,63 @@ class CacheEngine:
             if self._step is None:  # outside a denoising step (e.g. a probe call): plain forward
                 return original(*args, **kwargs)
             key = SiteKey(site.name, self.branch)
-            value = resolve(self.method, key, self._step, self._plan.full,
-                            lambda: site.unpack(original(*args, **kwargs)))
-            if self.trace is not None:
-                self.trace.values[key].append(value.detach().to("cpu", copy=True))
+            full = self._is_full(site, key, args, kwargs)
+            value = resolve(self.method, key, self._step, full, lambda: site.unpack(original(*args, **kwargs)))
+            self._record(key, value)
             return site.pack(value)
 
         return forward
+
+    def _is_full(self, site: Site, key: SiteKey, args: tuple, kwargs: dict) -> bool:
+        if not self.method.adaptive:
+            return self._plan.full
+        full = self.method.decide(key, self._step, site.signal(args, kwargs))
+        self._decided_full = bool(self._decided_full) or full
+        return full
+
+    def _record(self, key: SiteKey, value: Tensor) -> None:
+        if self.trace is not None:
+            self.trace.values[key].append(value.detach().to("cpu", copy=True))
+
+    def _wrap_span_head(self, site: Site, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._step is None:
+                return original(*args, **kwargs)
+            key = SiteKey(site.name, self.branch)
+            hidden = _hidden(args, kwargs)
+            if self._is_full(site, key, args, kwargs):
+                out = original(*args, **kwargs)
+                if site.span:
+                    self._span_input[key] = hidden
+                else:
+                    self._span_done(key, hidden, out)
+                return out
+            self._span_input[key] = None
+            residual = self.method.forecast(key, self._step)
+            self._record(key, residual)
+            return hidden + residual
+
+        return forward
+
+    def _wrap_span_tail(self, site: Site, original: Callable[..., Any], last: bool) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self._step is None:
+                return original(*args, **kwargs)
+            key = SiteKey(site.name, self.branch)
+            hidden_in = self._span_input.get(key)
+            if hidden_in is None:  # the stack is forecast at this step: pass through
+                return _hidden(args, kwargs)
+            out = original(*args, **kwargs)
+            if last:
+                self._span_done(key, hidden_in, out)
+            return out
+
+        return forward
+
+    def _span_done(self, key: SiteKey, hidden_in: Tensor, out: Tensor) -> None:
+        residual = out - hidden_in
+        self.method.update(key, self._step, residual)
+        self._record(key, residual)
 
     def _wrap_feeder(self, original: Callable[..., Any], stand_in: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:

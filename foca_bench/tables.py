@@ -23,7 +23,9 @@ from foca_bench import REPO_DIR
 from foca_bench.records import iter_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
-METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa"}
+METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
+                "teacache": "TeaCache"}
+ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",)}  # knobs every row label names, as the paper's do
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
@@ -58,7 +60,7 @@ def label(record: dict) -> str:
     if method == "none":
         return f"DDIM-{steps} steps"
     name = METHOD_NAMES.get(method, method)
-    knobs = [f"N={cache['N']}"]
+    knobs = [f"N={cache['N']}"] if "N" in cache else []  # schedule-free methods have no N in their identity
     if method == "foca" and cache.get("corrector") == "none":
         name = "BDF2-only"
     for key in _non_default_knobs(record, show_order=True):
@@ -69,11 +71,15 @@ def label(record: dict) -> str:
 
 
 def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
-    """Cache knobs of a record beyond N that differ from the method's defaults (`show_order`: Taylor order too)."""
+    """Cache knobs of a record beyond N that differ from the method's defaults (`show_order`: also the knobs the
+    paper always names, e.g. TaylorSeer's order). Model-specific knobs (TeaCache's polynomial) are not knobs of
+    a row."""
     cache = record["config"]["cache"]
-    defaults = {f.name: f.default for f in dataclasses.fields(methods.get(record["method"]).config_class)}
-    knobs = [k for k, v in cache.items()
-             if k not in ("name", "N", "warmup") and (v != defaults.get(k) or (show_order and k == "O"))]
+    cls = methods.get(record["method"])
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+    always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
+    knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", *cls.model_specific)
+             and (v != defaults.get(k) or k in always)]
     if "warmup" in cache and cache["warmup"] != record["config"]["model"]["warmup"]:
         knobs.append("warmup")
     return knobs

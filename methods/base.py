@@ -27,10 +27,12 @@ class Step:
     Attributes:
         index: position in sampling order, 0..T-1.
         t: the scheduler's own time value at this step (DDIM timestep, flow-matching sigma, ...).
+        total: T, the number of steps of this generation (None when unknown).
     """
 
     index: int
     t: float
+    total: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class CacheMethod(ABC):
     config_class: ClassVar[type] = CacheConfig
     roles: ClassVar[tuple[str, ...]] = ("attn", "mlp")
     schedule_free: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
+    # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
+    model_specific: ClassVar[tuple[str, ...]] = ()
+    how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model
 
     def __init__(self, cfg: CacheConfig) -> None:
         self.cfg = cfg
@@ -122,6 +128,11 @@ class CacheMethod(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Forgets every site's history; called at the start of every generation."""
+
+    def decide(self, key: SiteKey, step: Step, signal: Tensor) -> bool:
+        """Adaptive methods only: whether `key` is computed at `step`, from a cheap signal the adapter derives
+        from the site's input (e.g. TeaCache's modulated input of the first block)."""
+        raise NotImplementedError(f"{type(self).__name__} is not adaptive")
 
 
 def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: Callable[[], Tensor]) -> Tensor:

@@ -28,6 +28,11 @@ def test_every_pair_composes_with_override(cfg_factory, model, method):
     cfg = cfg_factory(f"model={model}", f"method={method}", "cache.N=7")
     assert cfg.cache.N == 7
     assert cfg.cache.name == method and cfg.model.name == model
+    cls = methods.get(method)
+    if any(k not in (cfg.model.method_defaults.get(method) or {}) for k in cls.model_specific):
+        with pytest.raises(ValueError, match=f"model.method_defaults.{method}"):  # e.g. TeaCache on DiT-XL/2
+            validate(cfg)
+        return
     cache = validate(cfg)
     assert cache.warmup == cfg.model.warmup  # per-model default filled in
     assert type(cache) is methods.get(method).config_class

@@ -10,7 +10,7 @@ engine's step context around the transformer call and DiT's optional 3-channel g
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from foca_bench import ASSETS_DIR
@@ -19,6 +19,16 @@ from foca_bench.adapters.base import Adapter, MissingWeightsError
 from foca_bench.hooks import CacheEngine, Site
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
+
+
+def _modulated_input(block: nn.Module):
+    """TeaCache's indicator for a DiT block: adaLN-Zero's modulated input to its attention, (B, tokens, D)."""
+
+    def signal(args: tuple, kwargs: dict) -> Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return block.norm1(hidden, kwargs.get("timestep"), kwargs.get("class_labels"), hidden_dtype=hidden.dtype)[0]
+
+    return signal
 
 
 def _first_token(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -102,6 +112,9 @@ class DiTAdapter(Adapter):
                               feeders=((block.norm1.norm, _first_token),) if dedicated else ()))
             sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff,
                               feeders=((block.norm3, _first_token),) if dedicated else ()))
+        # the residual stack of all blocks (TeaCache, ...): signal = the first block's modulated input
+        blocks = list(self.transformer.transformer_blocks)
+        sites.append(Site("blocks", "blocks", blocks[0], span=tuple(blocks[1:]), signal=_modulated_input(blocks[0])))
         # called with return_dict=False below, so the model returns a 1-tuple
         sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
         return sites
@@ -131,7 +144,7 @@ class DiTAdapter(Adapter):
             model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG
             model_in = self.scheduler.scale_model_input(model_in, t)
             t_in = t.to(self.device).expand(model_in.shape[0])
-            with engine.step(i, float(t)):
+            with engine.step(i, float(t), len(timesteps)):
                 out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
             eps = out[:, :c] if self.learned_sigma else out  # drop the learned variance
             if cfg:
