@@ -178,7 +178,7 @@ class CacheEngine:
 
     def _is_full(self, site: Site, key: SiteKey, args: tuple, kwargs: dict) -> bool:
         if not self.method.adaptive:
-            return self._plan.full
+            return self.method.computes(key, self._step, self._plan)
         full = self.method.decide(key, self._step, site.signal(args, kwargs))
         self._decided_full = bool(self._decided_full) or full
         return full

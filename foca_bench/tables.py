@@ -24,7 +24,7 @@ from foca_bench.records import iter_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
-                "teacache": "TeaCache"}
+                "teacache": "TeaCache", "delta_dit": "Δ-DiT"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",)}  # knobs every row label names, as the paper's do
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",

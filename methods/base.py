@@ -129,6 +129,11 @@ class CacheMethod(ABC):
     def reset(self) -> None:
         """Forgets every site's history; called at the start of every generation."""
 
+    def computes(self, key: SiteKey, step: Step, plan: Plan) -> bool:
+        """Whether site `key` is computed at `step` under the step's plan (default: the plan, for every site).
+        Methods that skip only some sites at a step (Delta-DiT's block ranges) override it."""
+        return plan.full
+
     def decide(self, key: SiteKey, step: Step, signal: Tensor) -> bool:
         """Adaptive methods only: whether `key` is computed at `step`, from a cheap signal the adapter derives
         from the site's input (e.g. TeaCache's modulated input of the first block)."""

@@ -183,3 +183,24 @@ def test_feeder_stand_in_is_used_on_forecast_steps(adapter):
         hook.remove()
     tokens = (16 // 2) ** 2
     assert calls.count(tokens) == engine.full_steps and calls.count(1) == STEPS - engine.full_steps
+
+
+def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter):
+    """Tiny model, 2 blocks, one cached per range: steps 0 and 3 full (N=3), boundary at step 5 of 10."""
+    blocks = adapter.transformer.transformer_blocks
+    runs = {0: [], 1: []}
+    step = {"i": -1}
+    hooks = [blocks[j].attn1.register_forward_hook(lambda *a, j=j: runs[j].append(step["i"])) for j in (0, 1)]
+    method = methods.build({"name": "delta_dit", "N": 3, "warmup": 0, "boundary": 5})
+    original = method.plan
+    method.plan = lambda s: (step.__setitem__("i", s.index), original(s))[1]
+    try:
+        with CacheEngine(method, adapter.sites()) as engine:
+            adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    full = [0, 3, 6, 9]
+    assert runs[0] == sorted(set(full) | {1, 2, 4})  # front block runs before the boundary
+    assert runs[1] == sorted(set(full) | {5, 7, 8})  # rear block runs from the boundary on
+    assert engine.full_steps == len(full)

@@ -118,6 +118,24 @@ def test_dit_xl_2_step_counts_compose_to_table3(dit_xl_2_steps, row, paper):
     assert tflops == pytest.approx(paper, rel=0.005)
 
 
+def test_dit_xl_2_delta_dit_composes_to_table3(dit_xl_2_steps):
+    """Delta-DiT with half of DiT-XL/2's 28 blocks cached reproduces the paper's Table 3 Delta-DiT FLOPs."""
+    from foca_bench.tables import load_paper_tables
+
+    paper = {row["match"]["cache.N"]: row["paper"]["flops_T"] for row in load_paper_tables()["dit_xl_2"]["rows"]
+             if row["match"] and row["match"]["method"] == "delta_dit"}
+    assert paper == {2: 18.04, 3: 16.14}
+    cfg = make_cfg("model=dit_xl_2", "profile=flops_only")
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    full_step, _ = dit_xl_2_steps
+    cached_step = flops_of(adapter, {"name": "delta_dit", "N": 99, "warmup": 0}, 2) - full_step
+    assert cached_step == pytest.approx(full_step / 2, rel=0.01)  # 14 of 28 blocks, plus what runs anyway
+    for N, tflops in paper.items():
+        n_full = schedule_full_steps(methods.build({"name": "delta_dit", "N": N, "warmup": 1}).cfg, 50)
+        assert (n_full * full_step + (50 - n_full) * cached_step) / 1e12 == pytest.approx(tflops, rel=0.005), N
+
+
 @pytest.mark.slow
 def test_dit_xl_2_flops_only_reproduces_table3(tmp_path):
     """The issue's acceptance check: `profile=flops_only` end to end, whole 50-step generations (~4 min)."""
