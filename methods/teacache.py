@@ -8,7 +8,8 @@ method accumulates the polynomially rescaled estimate of the output change, A +=
 fitted by `python -m foca_bench.calibrate_teacache model=...`). While A < `cache.l` the step reuses the residual
 of the last computed step (output = input + residual, all blocks skipped); otherwise every block runs, the
 residual is refreshed and A restarts at 0. The first step and the last step are always computed. Each site and
-branch keeps its own accumulator, so separate cond/uncond passes decide separately, as TeaCache does.
+branch keeps its own accumulator, so separate cond/uncond passes decide separately, as TeaCache does. Under
+`torch.distributed` the change is all-reduced, so every rank of a split model decides alike.
 
 Deviation from the official code, on purpose: a negative rescaled change (a polynomial can dip below zero near
 r = 0) is clipped to 0, so `cache.l=0` computes every step exactly and a larger `l` never computes more often on
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from methods import register
@@ -52,8 +54,15 @@ class _State:
 
 
 def relative_l1(new: Tensor, old: Tensor) -> float:
-    """mean|new - old| / mean|old|, as TeaCache measures change."""
-    return float((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12))
+    """mean|new - old| / mean|old|, as TeaCache measures change.
+
+    When the model is split across processes (`torch.distributed` initialised, each rank holding a shard of
+    the tokens), the sums are all-reduced first, so every rank sees the change of the whole tensor and makes
+    the same decision."""
+    stats = torch.stack([(new - old).abs().sum(), old.abs().sum()]).double()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)  # SUM over ranks
+    return float(stats[0] / stats[1].clamp_min(1e-12))
 
 
 @register("teacache")

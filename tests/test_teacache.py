@@ -119,3 +119,57 @@ def test_calibration_on_the_toy_model_explains_the_output_change(tmp_path, monke
     assert result["points"] == 2 * 49 and len(result["coefficients"]) == 3
     assert result["r2"] > 0.8
     assert (tmp_path / "results/calibration/teacache_toy_dit.json").is_file()
+
+
+def _rank_decisions(rank: int, world: int, init: str, changes: list, out: str) -> None:
+    """One rank: its shard of every signal (rank 0 changes fast, rank 1 slowly), decided with all-reduce."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        method = methods.build({"name": "teacache", "l": 0.25, "coefficients": IDENTITY})
+        key, shard, seen = SiteKey("blocks"), torch.ones(4), []
+        for i in range(len(changes) + 1):
+            if i > 0:
+                shard = shard * (1.0 + changes[i - 1][rank])
+            full = method.decide(key, Step(i, float(i), len(changes) + 1), shard)
+            if full:
+                method.update(key, Step(i, float(i)), shard)
+            seen.append(full)
+        with open(out, "w") as f:
+            json.dump(seen, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_split_model_ranks_decide_alike_from_the_all_reduced_change(tmp_path):
+    """Two CPU processes (gloo), each holding half the tokens with different per-shard changes: both make the
+    decisions a single process makes on the whole (concatenated) tensor."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    changes = [(0.3, 0.1)] * 6  # whole tensor: 0.2 per step
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [mp.get_context("spawn").Process(target=_rank_decisions,
+                                               args=(r, 2, init, changes, str(tmp_path / f"rank{r}.json")))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    method = methods.build({"name": "teacache", "l": 0.25, "coefficients": IDENTITY})
+    shards, whole = [torch.ones(4), torch.ones(4)], []
+    for i in range(len(changes) + 1):
+        if i > 0:
+            shards = [shards[r] * (1.0 + changes[i - 1][r]) for r in range(2)]
+        full = method.decide(SiteKey("blocks"), Step(i, float(i), len(changes) + 1), torch.cat(shards))
+        if full:
+            method.update(SiteKey("blocks"), Step(i, float(i)), torch.cat(shards))
+        whole.append(full)
+    assert ranks[0] == ranks[1] == whole
+    assert decisions([0.3] * 6, 0.25) != whole  # rank 0 deciding alone would differ
