@@ -86,6 +86,9 @@ class CacheEngine:
         # a method that caches nothing (`none`) still has its attention/MLP trajectories traced when asked
         roles = method.roles or (("attn", "mlp") if trace else ())
         self.sites = [s for s in sites if s.role in roles]
+        # diffusers' own hooks (`diffusers_*` methods) go on the whole model
+        self._model = next((s.module for s in sites if s.role == "model"), None) if method.external else None
+        self._detach: Optional[Callable[[], None]] = None
         self.trace: Optional[Trace] = Trace() if trace else None
         self.branch = "default"
         self._step: Optional[Step] = None
@@ -98,6 +101,10 @@ class CacheEngine:
 
     def __enter__(self) -> "CacheEngine":
         try:
+            if self._model is not None:
+                from foca_bench import external
+
+                self._detach = external.attach(self.method.cfg, self._model, lambda: self._step.t)
             for site in self.sites:
                 if site.role == "blocks":
                     self._install(site.module, self._wrap_span_head(site, site.module.forward), site.name)
@@ -123,10 +130,17 @@ class CacheEngine:
         for module in self._installed:
             del module.forward  # the class's forward is visible again
         self._installed.clear()
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
 
     def reset(self) -> None:
         """Called at the start of every generation: forgets the method's state and the counters."""
         self.method.reset()
+        if self._detach is not None:
+            from foca_bench import external
+
+            external.reset(self._model)
         self.branch = "default"
         self._step = self._plan = None
         self._span_input.clear()

@@ -72,7 +72,8 @@ def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torc
             latents = adapter.generate(engine, labels[start : start + batch_size], noise, cfg.sampler.steps,
                                        cfg.sampler.guidance_scale, cfg.sampler.guided_channels)
             images.append(latents if latents.device.type == "meta" else adapter.decode(latents))
-        stats["full_steps_per_generation"] = engine.full_steps  # the engine's counters restart every generation
+        # the engine's counters restart every generation; diffusers' hooks (external methods) do not report theirs
+        stats["full_steps_per_generation"] = None if method.external else engine.full_steps
         if trace:
             stats["trace"] = engine.trace_tensors()
     return torch.cat(images), stats

@@ -24,8 +24,10 @@ from foca_bench.records import iter_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
-                "teacache": "TeaCache", "delta_dit": "Δ-DiT"}
-ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",)}  # knobs every row label names, as the paper's do
+                "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "TaylorSeer (diffusers)",
+                "diffusers_fbcache": "FBCache (diffusers)", "diffusers_pab": "PAB (diffusers)"}
+ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),
+                "diffusers_fbcache": ("threshold",)}  # knobs every row label names, as the paper's do
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
@@ -123,7 +125,8 @@ def _latest_by_label(records: list[tuple[Path, dict]]) -> dict[str, tuple[Path, 
 
 
 def _full_steps(rec: dict) -> str:
-    return f"{rec['samples'].get('full_steps', '—')}/{rec['samples']['steps']}"
+    full = rec["samples"].get("full_steps")  # None: unknown (diffusers' hooks do not report it)
+    return f"{'—' if full is None else full}/{rec['samples']['steps']}"
 
 
 def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:

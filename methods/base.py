@@ -93,6 +93,7 @@ class CacheMethod(ABC):
     roles: ClassVar[tuple[str, ...]] = ("attn", "mlp")
     schedule_free: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
+    external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model

@@ -93,3 +93,43 @@ def test_whole_generation_equals_diffusers_taylorseer_cache_on_a_tiny_dit(order,
         uncached = ours_adapter.generate(engine, labels, noise, steps, 3.0)
     assert (ours - uncached).abs().max() > 1e-4  # the caches really forecast
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# -- the same through `method=diffusers_*` (foca_bench.external) -----------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = make_cfg(*TINY)
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+def _generate(adapter, method, steps=12):
+    with CacheEngine(method, adapter.sites()) as engine:
+        return adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), steps, 3.0)
+
+
+def test_method_diffusers_taylorseer_equals_ours_on_its_schedule_and_resets_between_generations(tiny):
+    external = methods.build({"name": "diffusers_taylorseer", "N": 3, "O": 1, "warmup": 2})
+    first, second = _generate(tiny, external), _generate(tiny, external)
+    assert torch.equal(first, second)  # diffusers' state is reset at every generation
+    ours = _generate(tiny, _DiffusersSchedule(TaylorSeerConfig(N=3, O=1, warmup=2, time="step")))
+    torch.testing.assert_close(first, ours, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in m.__dict__ for m in tiny.transformer.modules())  # hooks removed on exit
+
+
+def test_method_diffusers_fbcache_skips_the_tail_blocks_above_its_threshold():
+    cfg = make_cfg()  # the trained toy: smooth trajectories
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    runs = []
+    hook = adapter.transformer.transformer_blocks[-1].ff.register_forward_hook(lambda *a: runs.append(1))
+    try:
+        reference = _generate(adapter, methods.build({"name": "none"}), steps=20)
+        exact = _generate(adapter, methods.build({"name": "diffusers_fbcache", "threshold": 0.0}), steps=20)
+        assert torch.equal(exact, reference) and len(runs) == 40
+        runs.clear()
+        cached = _generate(adapter, methods.build({"name": "diffusers_fbcache", "threshold": 0.3}), steps=20)
+    finally:
+        hook.remove()
+    assert len(runs) < 20  # the last block ran on fewer steps
+    assert 0 < ((cached - reference).norm() / reference.norm()).item() < 0.5

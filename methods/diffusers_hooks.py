@@ -1,0 +1,90 @@
+"""The ecosystem's own implementations, run through diffusers' hooks, as table rows beside ours:
+`method=diffusers_taylorseer` (`TaylorSeerCacheConfig`), `method=diffusers_fbcache` (`FirstBlockCacheConfig`)
+and `method=diffusers_pab` (`PyramidAttentionBroadcastConfig`).
+
+These methods compute nothing themselves: the engine hands their config to `foca_bench.external`, which applies
+diffusers' hook to the model for the engine's lifetime, resets its state at every generation and removes it on
+exit. Their schedules are diffusers' own (e.g. TaylorSeerCache computes steps i < d and d + 1 + kN, see
+docs/methods.md), and the record's full-step count is unknown (diffusers does not report it). MagCache needs
+per-model magnitude ratios and FasterCache separate cond/uncond passes, which batched-CFG DiT does not have;
+they come with the models that support them.
+"""
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from methods import register
+from methods.base import FULL, CacheConfig, CacheMethod, Plan, SiteKey, Step
+
+
+class _External(CacheMethod):
+    roles = ()
+    external = True
+
+    def plan(self, step: Step) -> Plan:
+        return FULL  # our engine never skips: diffusers' hooks do
+
+    def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
+        pass
+
+    def forecast(self, key: SiteKey, step: Step) -> Tensor:
+        raise RuntimeError(f"{self.name} runs through diffusers' hooks; it has no forecast of its own.")
+
+    def reset(self) -> None:
+        pass
+
+
+@dataclass
+class DiffusersTaylorSeerConfig(CacheConfig):
+    """`cache_interval=N`, `disable_cache_before_step=warmup`, `max_order=O`, factors in float32, on the
+    attention and feed-forward modules of every block (our `attn`/`mlp` sites)."""
+
+    name: str = "diffusers_taylorseer"
+    N: int = 3
+    O: int = 2
+
+
+@register("diffusers_taylorseer")
+class DiffusersTaylorSeer(_External):
+    config_class = DiffusersTaylorSeerConfig
+
+
+@dataclass
+class DiffusersFBCacheConfig(CacheConfig):
+    """threshold: First Block Cache's bound on the relative change of the first block's residual."""
+
+    name: str = "diffusers_fbcache"
+    threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threshold < 0:
+            raise ValueError(f"cache.threshold={self.threshold} must be >= 0 (0 computes every step).")
+
+
+@register("diffusers_fbcache")
+class DiffusersFBCache(_External):
+    config_class = DiffusersFBCacheConfig
+    schedule_free = True
+
+
+@dataclass
+class DiffusersPABConfig(CacheConfig):
+    """Pyramid Attention Broadcast: self-attention recomputed every `N` steps while the scheduler timestep is in
+    [`low`, `high`], reused in between (diffusers' `spatial_attention_*` settings)."""
+
+    name: str = "diffusers_pab"
+    N: int = 2
+    low: int = 100
+    high: int = 800
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.low < self.high:
+            raise ValueError(f"cache.low={self.low}, cache.high={self.high}: need 0 <= low < high (timesteps).")
+
+
+@register("diffusers_pab")
+class DiffusersPAB(_External):
+    config_class = DiffusersPABConfig
