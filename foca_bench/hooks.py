@@ -37,10 +37,12 @@ class Site:
             DiT block's attention), with a cheap stand-in for their output. On a forecast step their result
             is dead, so the engine returns the stand-in instead of running them, as the official caching
             codes do by not computing a skipped branch's input. Results are bit-identical (tested).
-        span: for a residual stack of blocks (role `blocks`): `module` is its first block and `span` the
-            blocks after it, each called as `block(hidden_states, ...) -> hidden_states`. The cached value is
-            the stack's residual (output minus input hidden states); on a forecast step the first block
-            returns input + residual and the others pass their input through without running.
+        residual: the site is a residual stack of blocks (roles `blocks`, `block`), each called as
+            `block(hidden_states, ...) -> hidden_states`: `module` is its first block and `span` the blocks
+            after it. The cached value is the stack's residual (output minus input hidden states); on a
+            forecast step the first block returns input + residual and the others pass their input through
+            without running.
+        span: the blocks after `module` in a residual stack.
         signal: `(args, kwargs) of the first block -> Tensor`, the cheap indicator an adaptive method decides
             from (TeaCache: the first block's modulated input).
     """
@@ -51,6 +53,7 @@ class Site:
     unpack: Callable[[Any], Tensor] = _identity
     pack: Callable[[Tensor], Any] = _identity
     feeders: tuple[tuple[nn.Module, Callable[..., Any]], ...] = ()
+    residual: bool = False
     span: tuple[nn.Module, ...] = ()
     signal: Optional[Callable[[tuple, dict], Tensor]] = None
 
@@ -106,7 +109,7 @@ class CacheEngine:
 
                 self._detach = external.attach(self.method.cfg, self._model, lambda: self._step.t)
             for site in self.sites:
-                if site.role == "blocks":
+                if site.residual:
                     self._install(site.module, self._wrap_span_head(site, site.module.forward), site.name)
                     for j, block in enumerate(site.span):
                         last = j == len(site.span) - 1

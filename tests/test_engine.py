@@ -204,3 +204,20 @@ def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter
     assert runs[0] == sorted(set(full) | {1, 2, 4})  # front block runs before the boundary
     assert runs[1] == sorted(set(full) | {5, 7, 8})  # rear block runs from the boundary on
     assert engine.full_steps == len(full)
+
+
+def test_delta_dit_adds_the_stored_residual_to_the_fresh_input(adapter):
+    """A cached block returns its current input plus (output - input) of the last full step, not its old output."""
+    calls = []
+    hook = adapter.transformer.transformer_blocks[0].register_forward_hook(
+        lambda module, args, out: calls.append((args[0].clone(), out.clone())))
+    method = methods.build({"name": "delta_dit", "N": 99, "warmup": 0, "blocks": 1, "boundary": 0})
+    try:
+        with CacheEngine(method, adapter.sites()) as engine:
+            adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), 3, 3.0)
+    finally:
+        hook.remove()
+    (in0, out0), (in1, out1), (in2, out2) = calls  # step 0 full; steps 1, 2 cache block 0 (the front range)
+    assert not torch.equal(in1, in0)
+    torch.testing.assert_close(out1, in1 + (out0 - in0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out2, in2 + (out0 - in0), rtol=0, atol=1e-6)

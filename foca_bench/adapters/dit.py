@@ -115,8 +115,9 @@ class DiTAdapter(Adapter):
         # the residual stack of all blocks (TeaCache, ...): signal = the first block's modulated input
         blocks = list(self.transformer.transformer_blocks)
         # each block as a one-block residual site (Delta-DiT's front/back ranges)
-        sites += [Site(f"blocks.{i}", "block", block) for i, block in enumerate(blocks)]
-        sites.append(Site("blocks", "blocks", blocks[0], span=tuple(blocks[1:]), signal=_modulated_input(blocks[0])))
+        sites += [Site(f"blocks.{i}", "block", block, residual=True) for i, block in enumerate(blocks)]
+        sites.append(Site("blocks", "blocks", blocks[0], residual=True, span=tuple(blocks[1:]),
+                          signal=_modulated_input(blocks[0])))
         # called with return_dict=False below, so the model returns a 1-tuple
         sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
         return sites
