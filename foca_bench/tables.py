@@ -24,8 +24,8 @@ from foca_bench.records import iter_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
-                "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "TaylorSeer (diffusers)",
-                "diffusers_fbcache": "FBCache (diffusers)", "diffusers_pab": "PAB (diffusers)"}
+                "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "diffusers TaylorSeer",
+                "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),
                 "diffusers_fbcache": ("threshold",)}  # knobs every row label names, as the paper's do
 MODEL_NAMES = {
