@@ -247,7 +247,10 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
     atomic_write_json(path, record)
     log.info(f"Wrote record {path}")
     print(summary_line(record))
-    log_run(cfg, record, path)
+    try:
+        log_run(cfg, record, path)
+    except Exception as err:  # tracking mirrors the record, which is already safe on disk: never fail the run
+        log.warning(f"Experiment tracking failed ({type(err).__name__}: {err}); the record is at {path}")
     return record
 
 
