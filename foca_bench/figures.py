@@ -202,14 +202,16 @@ def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
         sources = [str(p) for pts in series.values() for *_, p in pts]
         ylabel = METRIC_NAMES.get(metric, metric)
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, pts in sorted(series.items()):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        markers = "osD^v<>phX*"
+        for i, (name, pts) in enumerate(sorted(series.items())):  # tab20 + markers: no two series alike
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], label=name,
+                    color=plt.cm.tab20(i % 20))
         ax.set(xlabel="FLOPs speed-up", ylabel=ylabel,
                title=f"Quality vs speed-up: {benchmark}\n{_title(model)}")
         _spread_axis(ax, [p[1] for pts in series.values() for p in pts])
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
         written += _save(fig, out_dir, f"frontier_{benchmark}_{model}", sources)
 
         ablation = {k: v for k, v in series.items() if k in ("FoCa", "BDF2-only")}
