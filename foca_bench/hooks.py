@@ -6,6 +6,12 @@ whether the sites are computed (their outputs are handed to the method) or skipp
 run and the method's forecast is returned). The engine passes the step explicitly rather than counting forward
 calls. CFG branches computed in separate passes get named contexts (`with engine.context("uncond")`); a
 batched-CFG forward such as DiT's is one context.
+
+Three kinds of site: a module whose output is cached (attention, MLP, the whole model); a residual stack of
+blocks whose residual is cached (`Site.residual`: TeaCache's whole stack, Δ-DiT's single blocks); and, for
+`diffusers_*` methods, no site at all: diffusers' own hooks go on the model (`foca_bench.external`). Which sites
+compute at a step is the plan's (`CacheMethod.computes`, per site) or, for adaptive methods, `decide` on a
+signal the adapter derives from the site's input.
 """
 
 from collections import defaultdict
