@@ -7,7 +7,6 @@ for IS and give the class accuracy of generated samples.
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
