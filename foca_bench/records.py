@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from foca_bench import REPO_DIR
 
@@ -59,20 +59,32 @@ def environment() -> dict:
             "git_commit": git_commit()}
 
 
-def atomic_write_json(path: Path, payload: dict) -> None:
-    """Writes to a temporary file in the same directory, then `os.replace`s it into place."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file unique to this call in the same directory, then `os.replace` it into
+    place: no reader ever sees a half-written file and concurrent writers never share a temporary file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    """A JSON file, written (and fsynced) atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid: str) -> Path:

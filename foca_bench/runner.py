@@ -8,12 +8,11 @@ is compared with the very same baseline images.
 """
 
 import copy
-import os
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +25,7 @@ from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair
-from foca_bench.records import atomic_write_json, claim, environment, record_path, run_id
+from foca_bench.records import atomic_write, atomic_write_json, claim, environment, record_path, run_id
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
 
@@ -138,16 +137,8 @@ def _reference_path(cfg: DictConfig, device: str, cache_dir: Path) -> Path:
     return cache_dir / f"{run_id({'reference': key})}.pt"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then `os.replace` into place: no reader ever sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # unique per process: concurrent jobs never share one
-    write(tmp)
-    tmp.replace(path)
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def reference_samples(adapter: Adapter, cfg: DictConfig, labels: torch.Tensor, seeds: list[int], device: str,
@@ -260,7 +251,7 @@ def save_trace(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, results: P
 
     _, stats = generate(adapter, cache, cfg, torch.tensor([0]), [cfg.benchmark.seed], 1, trace=True)
     path = results / "traces" / cfg.model.name / cache.name / f"{rid}.safetensors"
-    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in stats["trace"].items()}, str(tmp)))
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in stats["trace"].items()}, str(tmp)))
     log.info(f"Wrote trace {path}")
     return path
 
