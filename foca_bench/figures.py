@@ -33,7 +33,7 @@ plt.rcParams.update({"axes.titlesize": 9})
 import torch  # noqa: E402
 
 import methods  # noqa: E402
-from foca_bench.records import iter_records  # noqa: E402
+from foca_bench.records import group_records, iter_records  # noqa: E402
 from foca_bench.tables import METRIC_NAMES, MODEL_NAMES, label  # noqa: E402
 
 # Methods compared on a trace (Figure 1b) and their schedules.
@@ -180,11 +180,8 @@ def _spread_axis(ax, ys: list[float]) -> None:
 
 
 def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
-    groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
-    for path, rec in iter_records(results_dir):
-        groups.setdefault((rec["benchmark"], rec["model"]), []).append((path, rec))
     written = []
-    for (benchmark, model), records in sorted(groups.items()):
+    for (benchmark, model), records in group_records(results_dir).items():
         metric = _quality_metric([r for _, r in records])
         if metric is None:
             continue

@@ -100,6 +100,14 @@ def iter_records(results_dir: Path) -> Iterator[tuple[Path, dict]]:
             yield path, json.load(f)
 
 
+def group_records(results_dir: Path) -> dict[tuple[str, str], list[tuple[Path, dict]]]:
+    """Every record under `results_dir` by (benchmark, model): the unit of a table and of a figure."""
+    groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
+    for path, rec in iter_records(results_dir):
+        groups.setdefault((rec["benchmark"], rec["model"]), []).append((path, rec))
+    return dict(sorted(groups.items()))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

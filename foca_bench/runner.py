@@ -98,6 +98,11 @@ def baseline_config(cfg: DictConfig) -> DictConfig:
     return base
 
 
+def is_baseline(cache: CacheConfig, cfg: DictConfig) -> bool:
+    """Whether this run is itself the full-compute baseline (then it is measured, not compared)."""
+    return cache.name == "none" and (cfg.profile.baseline_steps or cfg.sampler.steps) == cfg.sampler.steps
+
+
 def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) -> dict:
     """The record's `profile` block: flops, latency_s, and speed-ups against `none` under the same config at
     `profile.baseline_steps` steps (so `method=none sampler.steps=25` is the paper's 2x "DDIM-25 steps" row).
@@ -108,18 +113,18 @@ def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) 
     block: dict[str, Any] = {}
     none = methods.get("none").config_class()
     base_cfg = baseline_config(cfg)
-    is_baseline = cache.name == "none" and base_cfg.sampler.steps == cfg.sampler.steps
+    baseline = is_baseline(cache, cfg)
     block["baseline"] = {"method": "none", "steps": base_cfg.sampler.steps}
     if cfg.profile.flops:
         block["flops"] = _count_flops(adapter, cache, cfg)
-        block["flops_none"] = block["flops"] if is_baseline else _baseline_flops(adapter, base_cfg)
+        block["flops_none"] = block["flops"] if baseline else _baseline_flops(adapter, base_cfg)
         block["flops_speedup"] = block["flops_none"] / block["flops"]
     if cfg.profile.latency and adapter.device.type != "meta":
         b = cfg.profile.batch_size
         labels, seeds = torch.arange(b) % max(cfg.model.num_classes, 1), list(range(b))
         run_method = lambda: generate(adapter, cache, cfg, labels, seeds, b)
         args = (torch.device(device), cfg.profile.warmup, cfg.profile.repeats)
-        if is_baseline:
+        if baseline:
             mine = base = measure_latency(run_method, *args)
         else:
             mine, base = measure_latency_pair(run_method, lambda: generate(adapter, none, base_cfg, labels, seeds, b),
@@ -213,12 +218,11 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
                                  desc=f"<{bench_name}: {cache.name}> generating")
         generation_s = time.perf_counter() - t0
         ref_dir = results / "cache" / "reference"
-        base_cfg = baseline_config(cfg)  # fidelity is measured against the full-compute original
-        if cache.name == "none" and base_cfg.sampler.steps == cfg.sampler.steps:
-            reference = images  # the baseline's own samples are the reference of the whole sweep
+        if is_baseline(cache, cfg):  # its own samples are the reference of the whole sweep
+            reference = images
             _atomic_save(images, _reference_path(cfg, device, ref_dir))
-        else:
-            reference = reference_samples(adapter, base_cfg, labels, seeds, device, ref_dir)
+        else:  # fidelity is measured against the full-compute original
+            reference = reference_samples(adapter, baseline_config(cfg), labels, seeds, device, ref_dir)
         log.info(f"Evaluating <{bench_name}> on {len(images)} samples")
         record["metrics"] = benchmark.evaluate(images, labels, reference)
         record["samples"] = {"count": len(images), "seeds": [seeds[0], seeds[-1]], "seed_rule": "seed + index",

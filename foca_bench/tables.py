@@ -20,7 +20,7 @@ import yaml
 
 import methods
 from foca_bench import REPO_DIR
-from foca_bench.records import iter_records
+from foca_bench.records import group_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
@@ -269,12 +269,10 @@ def _latency_note(results_dir: Path, benchmark: str, model: str, first: dict) ->
 
 def write_tables(results_dir: Path, out_dir: Path, paper_dir: Path = PAPER_DIR) -> list[Path]:
     """Markdown and LaTeX per (benchmark, model) group of records; returns the Markdown paths."""
-    groups: dict[tuple[str, str], list] = {}
-    for path, rec in iter_records(results_dir):
-        groups.setdefault((rec["benchmark"], rec["model"]), []).append((path, rec))
+    groups = group_records(results_dir)
     papers = load_paper_tables(paper_dir)
     written = []
-    for (benchmark, model), records in sorted(groups.items()):
+    for (benchmark, model), records in groups.items():
         title = f"{benchmark} on {MODEL_NAMES.get(model, model)}"
         if model in papers:
             table = build_paper_table(papers[model], records, f"{title} (paper {papers[model]['table']})")

@@ -38,7 +38,7 @@ def log_run(cfg: DictConfig, record: dict, record_file: Path) -> Optional[Path]:
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    from foca_bench.records import iter_records
+    from foca_bench.records import group_records
     from foca_bench.tables import build_table, label
 
     group = cfg.logger.group
@@ -63,9 +63,8 @@ def log_run(cfg: DictConfig, record: dict, record_file: Path) -> Optional[Path]:
         if record.get("sample_grid") and Path(record["sample_grid"]).is_file():
             run.log({"samples": wandb.Image(record["sample_grid"], caption=label(record))})
         run.log({"row": _wandb_table(build_table([(record_file, record)], label(record)))})
-        group_records = [(p, r) for p, r in iter_records(Path(cfg.results_dir))
-                         if r["benchmark"] == record["benchmark"] and r["model"] == record["model"]]
-        run.log({"table": _wandb_table(build_table(group_records, f"{record['benchmark']} on {record['model']}"))})
+        peers = group_records(Path(cfg.results_dir)).get((record["benchmark"], record["model"]), [])
+        run.log({"table": _wandb_table(build_table(peers, f"{record['benchmark']} on {record['model']}"))})
         directory = Path(run.dir).parent
     finally:
         run.finish()
