@@ -64,7 +64,8 @@ class Site:
     signal: Optional[Callable[[tuple, dict], Tensor]] = None
 
 
-def _hidden(args: tuple, kwargs: dict) -> Tensor:
+def hidden_states(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a block was called with (first positional argument or `hidden_states=`)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -215,7 +216,7 @@ class CacheEngine:
             if self._step is None:
                 return original(*args, **kwargs)
             key = SiteKey(site.name, self.branch)
-            hidden = _hidden(args, kwargs)
+            hidden = hidden_states(args, kwargs)
             if self._is_full(site, key, args, kwargs):
                 out = original(*args, **kwargs)
                 if site.span:
@@ -237,7 +238,7 @@ class CacheEngine:
             key = SiteKey(site.name, self.branch)
             hidden_in = self._span_input.get(key)
             if hidden_in is None:  # the stack is forecast at this step: pass through
-                return _hidden(args, kwargs)
+                return hidden_states(args, kwargs)
             out = original(*args, **kwargs)
             if last:
                 self._span_done(key, hidden_in, out)

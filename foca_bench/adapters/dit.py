@@ -16,7 +16,7 @@ from tqdm import tqdm
 from foca_bench import ASSETS_DIR
 from foca_bench.adapters import register_adapter
 from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.hooks import CacheEngine, Site
+from foca_bench.hooks import CacheEngine, Site, hidden_states
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
 
@@ -25,7 +25,7 @@ def _modulated_input(block: nn.Module):
     """TeaCache's indicator for a DiT block: adaLN-Zero's modulated input to its attention, (B, tokens, D)."""
 
     def signal(args: tuple, kwargs: dict) -> Tensor:
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = hidden_states(args, kwargs)
         return block.norm1(hidden, kwargs.get("timestep"), kwargs.get("class_labels"), hidden_dtype=hidden.dtype)[0]
 
     return signal
