@@ -13,7 +13,7 @@ its numbers come from:
   define its LTE and stiffness index; foca-bench uses, per site with ΔF_i = F_{i+1} - F_i on the step axis,
       LTE_i = ||F_{i+1} - 2 F_i + F_{i-1}|| / ||F_i||   (the local error of one linear-extrapolation step),
       S_i = ||ΔF_i - ΔF_{i-1}|| / ||ΔF_{i-1}||          (h times a local Lipschitz estimate of dF/dt),
-  the median over sites (docs/methods.md).
+  the median over sites (docs/sweeps.md).
 - `frontier_<benchmark>_<model>`: quality against FLOPs speed-up per method.
 
 The traced trajectory is the full-compute run's (`method=none trace=true`; the toy sweep's DDIM row traces).
@@ -62,7 +62,8 @@ def forecast_errors(trace: dict[str, torch.Tensor], N: int, warmup: int = 1) -> 
     full steps (exact by construction)."""
     sites = _site_tensors(trace)
     T = len(trace["times"])
-    full = torch.tensor([i < warmup or (i - warmup) % N == 0 for i in range(T)])
+    schedule = methods.build({"name": "fora", "N": N, "warmup": warmup})  # the interval methods' shared schedule
+    full = torch.tensor([schedule.is_full(i) for i in range(T)])
     out = {}
     for name, (method, cfg) in FORECASTERS.items():
         errs = [_rel(methods.replay(method, v, trace["times"], full, N=N, time="step", **cfg), v)
