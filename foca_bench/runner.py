@@ -24,7 +24,7 @@ from foca_bench.adapters.base import Adapter
 from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair
+from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
 from foca_bench.records import atomic_write, atomic_write_json, claim, environment, record_path, run_id
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
@@ -202,12 +202,13 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
              started: float) -> dict:
     results = Path(cfg.results_dir)
     device = resolve_device(cfg.device)
+    malloc = tune_cpu_allocator() if device == "cpu" and cfg.profile.tune_malloc else None
     benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None  # fails early
     adapter = get_adapter(cfg.model, device)
     record: dict[str, Any] = {
         "run_id": rid, "benchmark": bench_name, "model": cfg.model.name, "method": cache.name,
         "config": config, "environment": environment(), "world_size": 1, "device": device,
-        "sampler_provenance": adapter.provenance(),
+        "sampler_provenance": adapter.provenance(), "malloc": malloc,
     }
     record["profile"] = profile(adapter, cache, cfg, device)
 
