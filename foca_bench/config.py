@@ -30,6 +30,9 @@ class ModelConfig:
         warmup: the model's default `cache.warmup`.
         method_defaults: settings that depend on the model and the method together, by method name (e.g.
             `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
+        precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
+            pooled embeddings) once per generation instead of once per block and step; same values, same FLOPs,
+            less per-step overhead for full and skipped steps alike. `false` computes them step by step.
     """
 
     name: str = MISSING
@@ -45,6 +48,7 @@ class ModelConfig:
     arch: Dict[str, Any] = field(default_factory=dict)
     scheduler: Dict[str, Any] = field(default_factory=dict)
     method_defaults: Dict[str, Any] = field(default_factory=dict)
+    precompute_conditioning: bool = True
 
 
 @dataclass
@@ -84,6 +88,8 @@ class ProfileConfig:
         tables compare with the 50-step original, so `method=none sampler.steps=25` is a 2x row); null: the
         run's own `sampler.steps`.
     meta: build the model on the meta device with no weights (FLOP counting of any model config).
+    tune_malloc: on a CPU with glibc, keep freed tensor memory in the process (`profiling.tune_cpu_allocator`)
+        so full steps do not page-fault their intermediates anew; the settings go into the record.
     """
 
     name: str = "default"
@@ -95,6 +101,7 @@ class ProfileConfig:
     warmup: int = 1
     repeats: int = 3
     baseline_steps: Optional[int] = 50
+    tune_malloc: bool = True
 
 
 @dataclass
@@ -155,9 +162,9 @@ def compose(*overrides: str) -> DictConfig:
 
 
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
-    """How many of `steps` steps the interval schedule (`CacheMethod.is_full`) computes in full."""
+    """How many of `steps` steps the method's schedule (`CacheMethod.is_full`) computes in full."""
     is_full = methods.get(cache.name)(cache).is_full
-    return sum(1 for i in range(steps) if is_full(i))
+    return sum(1 for i in range(steps) if is_full(i, steps))
 
 
 def validate(cfg: DictConfig) -> CacheConfig:

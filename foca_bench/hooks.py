@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from methods.base import CacheMethod, Plan, SiteKey, Step, resolve
+from methods.base import CacheMethod, Plan, SiteKey, Step, Tokens, resolve
 
 
 def _identity(x: Any) -> Any:
@@ -51,6 +51,12 @@ class Site:
         span: the blocks after `module` in a residual stack.
         signal: `(args, kwargs) of the first block -> Tensor`, the cheap indicator an adaptive method decides
             from (TeaCache: the first block's modulated input).
+        layer: (block index, number of blocks), for methods whose settings vary with depth (ToCa).
+        tokenwise: the module maps each token of its (B, tokens, ...) hidden states on its own (an MLP), so a
+            token-wise method can recompute a subset of tokens at a partial step.
+        attention_probe: attention sites: `(forward, args, kwargs) -> (output, (B, tokens) attention each token
+            received)`, run at full steps when a token-wise method scores tokens by attention.
+        scored_by: the name of the attention site whose probe scores this site's tokens.
     """
 
     name: str
@@ -62,11 +68,22 @@ class Site:
     residual: bool = False
     span: tuple[nn.Module, ...] = ()
     signal: Optional[Callable[[tuple, dict], Tensor]] = None
+    layer: tuple[int, int] = (0, 1)
+    tokenwise: bool = False
+    attention_probe: Optional[Callable[[Callable[..., Any], tuple, dict], tuple[Any, Tensor]]] = None
+    scored_by: Optional[str] = None
 
 
 def hidden_states(args: tuple, kwargs: dict) -> Tensor:
     """The hidden states a block was called with (first positional argument or `hidden_states=`)."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden_states(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) with the hidden states replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 @dataclass
@@ -108,6 +125,8 @@ class CacheEngine:
         self._installed: list[nn.Module] = []
         self._span_input: dict[SiteKey, Optional[Tensor]] = {}  # per (stack, branch) at this step; None: skipped
         self._decided_full: Optional[bool] = None  # adaptive methods: whether any site computed at this step
+        self._received: dict[SiteKey, Tensor] = {}  # attention each token received, per attention site, last full step
+        self.batched_cfg = False
 
     def __enter__(self) -> "CacheEngine":
         try:
@@ -144,9 +163,15 @@ class CacheEngine:
             self._detach()
             self._detach = None
 
-    def reset(self) -> None:
-        """Called at the start of every generation: forgets the method's state and the counters."""
+    def reset(self, batched_cfg: bool = False) -> None:
+        """Called at the start of every generation: forgets the method's state and the counters.
+
+        Args:
+            batched_cfg: the generation's forwards hold [cond; uncond] halves of the same samples.
+        """
         self.method.reset()
+        self.batched_cfg = batched_cfg
+        self._received.clear()
         if self._detach is not None:
             from foca_bench import external
 
@@ -194,11 +219,37 @@ class CacheEngine:
                 return original(*args, **kwargs)
             key = SiteKey(site.name, self.branch)
             full = self._is_full(site, key, args, kwargs)
-            value = resolve(self.method, key, self._step, full, lambda: site.unpack(original(*args, **kwargs)))
+            compute = lambda: site.unpack(original(*args, **kwargs))  # noqa: E731
+            if full and site.attention_probe is not None and self.method.wants_attention(self._step):
+                compute = lambda: site.unpack(self._probe(site, key, original, args, kwargs))  # noqa: E731
+            partial = None
+            if not full and self._plan.partial and site.tokenwise:
+                partial = self._partial(site, key, original, args, kwargs)
+            value = resolve(self.method, key, self._step, full, compute, partial)
             self._record(key, value)
             return site.pack(value)
 
         return forward
+
+    def _probe(self, site: Site, key: SiteKey, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        out, received = site.attention_probe(original, args, kwargs)
+        self._received[key] = received
+        return out
+
+    def _partial(self, site: Site, key: SiteKey, original: Callable[..., Any], args: tuple,
+                 kwargs: dict) -> tuple[Tokens, Callable[[Tensor], Tensor]]:
+        """A token-wise site at a partial step: what the method may know of its tokens, and how to compute some."""
+        hidden = hidden_states(args, kwargs)  # (B, tokens, D)
+        attention = self._received.get(SiteKey(site.scored_by, key.branch)) if site.scored_by else None
+        tokens = Tokens(site.role, *site.layer, batch=hidden.shape[0], count=hidden.shape[1], attention=attention,
+                        paired=self.batched_cfg)
+
+        def compute_tokens(indices: Tensor) -> Tensor:
+            fresh = hidden.gather(1, indices.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, k, D)
+            a, kw = with_hidden_states(args, kwargs, fresh)
+            return site.unpack(original(*a, **kw))
+
+        return tokens, compute_tokens
 
     def _is_full(self, site: Site, key: SiteKey, args: tuple, kwargs: dict) -> bool:
         if not self.method.adaptive:
@@ -253,7 +304,7 @@ class CacheEngine:
 
     def _wrap_feeder(self, original: Callable[..., Any], stand_in: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self._plan is not None and not self._plan.full and self._plan.mask is None:
+            if self._plan is not None and not self._plan.full and not self._plan.partial:
                 return stand_in(*args, **kwargs)  # its only consumer is not computed at this step
             return original(*args, **kwargs)
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from methods.base import FORECAST, FULL, CacheConfig, CacheMethod, Plan, SiteKey, Step, resolve
+from methods.base import FORECAST, FULL, PARTIAL, CacheConfig, CacheMethod, Plan, SiteKey, Step, Tokens, resolve
 
 METHODS: dict[str, type[CacheMethod]] = {}
 
@@ -94,5 +94,5 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "FULL", "FORECAST", "CacheConfig", "CacheMethod", "Plan", "SiteKey", "Step", "build", "get",
-           "register", "replay", "resolve"]
+__all__ = ["METHODS", "FULL", "FORECAST", "PARTIAL", "CacheConfig", "CacheMethod", "Plan", "SiteKey", "Step", "Tokens",
+           "build", "get", "register", "replay", "resolve"]

@@ -1,7 +1,9 @@
 """The caching-method interface shared by live generation and offline replay.
 
 A method sees site names, step indices, times and tensors, never an `nn.Module` (adapters say *where*,
-methods say *how*). Four verbs: `plan(step)`, `update(key, step, features)`, `forecast(key, step)`, `reset()`.
+methods say *how*). Four verbs: `plan(step)`, `update(key, step, features)`, `forecast(key, step)`, `reset()`;
+token-wise methods (ToCa, DuCa) add `select(key, step, tokens)` and `update_tokens(key, step, indices, features)`
+for partial steps.
 `resolve` is the one function that turns a plan into the value a site uses; both the runtime hook
 (`foca_bench/hooks.py`) and `methods.replay` call it, so offline analysis drives exactly the live code path.
 """
@@ -37,17 +39,45 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the engine does at a step: compute every site, or let the method forecast them.
+    """What the engine does at a step: compute every site, let the method forecast them, or (partial) let a
+    token-wise method recompute a subset of each token-wise site's tokens (`CacheMethod.select`).
 
-    `mask` is reserved for partial (token-wise) computation; None means the whole site.
+    Attributes:
+        full: compute every site.
+        partial: a token-wise step; the sites' feeders run, since the selected tokens need their inputs.
     """
 
     full: bool
-    mask: Optional[Tensor] = None
+    partial: bool = False
 
 
 FULL = Plan(full=True)
 FORECAST = Plan(full=False)
+PARTIAL = Plan(full=False, partial=True)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What a token-wise method knows about a site's tokens at a partial step.
+
+    Attributes:
+        role: the site's role (`attn`, `mlp`).
+        layer: the site's block index, 0..layers-1 (ToCa's layer-wise ratio).
+        layers: the number of blocks.
+        batch: samples in the call (a batched CFG forward holds both branches: cond first, then uncond).
+        count: tokens per sample.
+        attention: (batch, count) attention each token received at the site's block's last full step (the
+            head-mean attention map summed over queries), where the method asked for it; else None.
+        paired: the batch is [cond; uncond] halves of the same samples (a batched CFG forward).
+    """
+
+    role: str
+    layer: int
+    layers: int
+    batch: int
+    count: int
+    attention: Optional[Tensor] = None
+    paired: bool = False
 
 
 @dataclass
@@ -93,6 +123,7 @@ class CacheMethod(ABC):
     roles: ClassVar[tuple[str, ...]] = ("attn", "mlp")
     schedule_free: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
+    tokenwise: ClassVar[bool] = False  # recomputes selected tokens at partial steps (`select`, `update_tokens`)
     external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
@@ -102,13 +133,14 @@ class CacheMethod(ABC):
         self.cfg = cfg
         self.reset()
 
-    def is_full(self, index: int) -> bool:
-        """The interval schedule: full when i < warmup or (i - warmup) % N == 0."""
+    def is_full(self, index: int, total: Optional[int] = None) -> bool:
+        """The interval schedule: full when i < warmup or (i - warmup) % N == 0 (`total`, the number of steps,
+        matters only to schedules that depend on it, such as ToCa's)."""
         warmup = self.cfg.warmup or 0
         return index < warmup or (index - warmup) % self.cfg.N == 0
 
     def plan(self, step: Step) -> Plan:
-        return FULL if self.is_full(step.index) else FORECAST
+        return FULL if self.is_full(step.index, step.total) else FORECAST
 
     def time(self, step: Step) -> float:
         """The step's time on the configured axis."""
@@ -140,9 +172,26 @@ class CacheMethod(ABC):
         from the site's input (e.g. TeaCache's modulated input of the first block)."""
         raise NotImplementedError(f"{type(self).__name__} is not adaptive")
 
+    def wants_attention(self, step: Step) -> bool:
+        """Token-wise methods: whether a full `step` should also record each block's attention map (for
+        `Tokens.attention`); a full step that records it runs the model's explicit-softmax attention."""
+        return False
 
-def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: Callable[[], Tensor]) -> Tensor:
-    """The value a site uses at a step: computed and handed to the method, or forecast without computing.
+    def select(self, key: SiteKey, step: Step, tokens: Tokens) -> Optional[Tensor]:
+        """Token-wise methods, at a partial step: indices (batch, k) of the tokens of `key` to recompute, or None
+        to forecast the whole site (also what sites that cannot be computed token by token get)."""
+        return None
+
+    def update_tokens(self, key: SiteKey, step: Step, indices: Tensor, features: Tensor) -> Tensor:
+        """Token-wise methods: receives the recomputed `features` (batch, k, ...) of tokens `indices`; returns the
+        site's whole value at this step."""
+        raise NotImplementedError(f"{type(self).__name__} is not token-wise")
+
+
+def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: Callable[[], Tensor],
+            partial: Optional[tuple[Tokens, Callable[[Tensor], Tensor]]] = None) -> Tensor:
+    """The value a site uses at a step: computed and handed to the method, forecast without computing, or (at a
+    partial step of a token-wise site) recomputed for the tokens the method selects and cached for the rest.
 
     Args:
         method: the caching method.
@@ -150,6 +199,8 @@ def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: 
         step: the current step.
         full: the plan's decision for this step.
         compute: runs the site's real computation; called only when `full`.
+        partial: for a token-wise site at a partial step: its `Tokens` and `compute_tokens(indices (B, k)) ->
+            (B, k, ...)`, the site's computation on those tokens only.
 
     Returns:
         The site's value at this step.
@@ -158,4 +209,9 @@ def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: 
         features = compute()
         method.update(key, step, features)
         return features
+    if partial is not None:
+        tokens, compute_tokens = partial
+        indices = method.select(key, step, tokens)
+        if indices is not None:
+            return method.update_tokens(key, step, indices, compute_tokens(indices))
     return method.forecast(key, step)

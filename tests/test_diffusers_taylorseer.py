@@ -60,7 +60,7 @@ class _DiffusersSchedule(TaylorSeer):
 
     d = 2
 
-    def is_full(self, index: int) -> bool:
+    def is_full(self, index: int, total=None) -> bool:
         return diffusers_full(index, self.d, self.cfg.N)
 
 

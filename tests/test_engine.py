@@ -221,3 +221,42 @@ def test_delta_dit_adds_the_stored_residual_to_the_fresh_input(adapter):
     assert not torch.equal(in1, in0)
     torch.testing.assert_close(out1, in1 + (out0 - in0), rtol=0, atol=1e-6)
     torch.testing.assert_close(out2, in2 + (out0 - in0), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def per_step_adapter():
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg(*TINY, "model.precompute_conditioning=false")
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+@pytest.mark.parametrize("cache", [dict(name="none"), dict(name="foca", N=3), dict(name="teacache", l=0.1)])
+def test_precomputed_conditioning_equals_the_per_step_path(adapter, per_step_adapter, cache):
+    """One batched embedding per block and generation gives bit-identical samples to per-step embeddings."""
+    assert adapter.cfg.precompute_conditioning and not per_step_adapter.cfg.precompute_conditioning
+    extra = {"coefficients": [1.0, 0.0]} if cache["name"] == "teacache" else {}
+    outs = [generate(a, **cache, **extra)[0] for a in (adapter, per_step_adapter)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapter, per_step_adapter, monkeypatch):
+    from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
+
+    calls = []
+    original = CombinedTimestepLabelEmbeddings.forward
+    monkeypatch.setattr(CombinedTimestepLabelEmbeddings, "forward",
+                        lambda self, t, labels, hidden_dtype=None: calls.append(t.shape[0]) or original(
+                            self, t, labels, hidden_dtype=hidden_dtype))
+    layers = adapter.transformer.config.num_layers
+    generate(adapter, "foca", N=3)
+    assert calls == [STEPS * 4] * layers  # one (steps x CFG batch) call per block; final layer reuses block 0's
+    calls.clear()
+    generate(per_step_adapter, "foca", N=3)
+    assert calls == [4] * (STEPS * layers)  # per step: every block once, the final layer reusing block 0's
+    emb = adapter.transformer.transformer_blocks[0].norm1.emb
+    assert "forward" not in emb.__dict__  # the class's forward again after generation
+    calls.clear()
+    emb(torch.tensor([3, 3]), torch.tensor([1, 2]))  # a call outside generation computes
+    assert calls == [2]

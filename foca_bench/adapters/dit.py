@@ -7,7 +7,9 @@ feed-forward output (`ff`), both before adaLN-Zero gating and the residual add; 
 engine's step context around the transformer call and DiT's optional 3-channel guidance.
 """
 
-from typing import Any, Optional
+import contextlib
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,35 @@ def _modulated_input(block: nn.Module):
         return block.norm1(hidden, kwargs.get("timestep"), kwargs.get("class_labels"), hidden_dtype=hidden.dtype)[0]
 
     return signal
+
+
+def _attention_received(attn: nn.Module):
+    """ToCa's attention score s1 for a block: runs the attention through diffusers' explicit-softmax
+    `AttnProcessor` (same FLOPs as the fused kernel) and returns, with its output, the attention each token
+    received: the head-mean softmax map summed over queries, (B, tokens)."""
+
+    def probe(forward: Any, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        captured = []
+
+        def get_attention_scores(query: Tensor, key: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+            probs = type(attn).get_attention_scores(attn, query, key, attention_mask)  # (B * heads, N, N)
+            captured.append(probs)
+            return probs
+
+        processor = attn.processor
+        attn.processor, attn.get_attention_scores = AttnProcessor(), get_attention_scores
+        try:
+            out = forward(*args, **kwargs)
+        finally:
+            attn.processor = processor
+            del attn.get_attention_scores
+        B = hidden_states(args, kwargs).shape[0]
+        probs = captured[0]
+        return out, probs.view(B, -1, *probs.shape[1:]).mean(1).sum(1)
+
+    return probe
 
 
 def _first_token(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -104,13 +135,16 @@ class DiTAdapter(Adapter):
     # -- cache sites -----------------------------------------------------------------------------------------
     def sites(self) -> list[Site]:
         sites = []
+        L = len(self.transformer.transformer_blocks)
         for i, block in enumerate(self.transformer.transformer_blocks):
             # The pre-attention LayerNorm (inside adaLN-Zero's norm1) feeds only attn1, and norm3 only ff, as
             # long as the block has no positional embedding, cross-attention or GLIGEN fuser.
             dedicated = block.norm_type == "ada_norm_zero" and block.pos_embed is None and block.attn2 is None
-            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1,
-                              feeders=((block.norm1.norm, _first_token),) if dedicated else ()))
-            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff,
+            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1, layer=(i, L),
+                              feeders=((block.norm1.norm, _first_token),) if dedicated else (),
+                              attention_probe=_attention_received(block.attn1)))
+            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True,
+                              scored_by=f"blocks.{i}.attn",
                               feeders=((block.norm3, _first_token),) if dedicated else ()))
         # the residual stack of all blocks (TeaCache, ...): signal = the first block's modulated input
         blocks = list(self.transformer.transformer_blocks)
@@ -134,29 +168,103 @@ class DiTAdapter(Adapter):
     @torch.inference_mode()
     def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
                  guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
-        engine.reset()  # every generation starts from a clean cache
-        self.scheduler.set_timesteps(steps)
         cfg = guidance_scale > 1.0
+        engine.reset(batched_cfg=cfg)  # every generation starts from a clean cache
+        self.scheduler.set_timesteps(steps)
         labels = labels.to(self.device)
         if cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
         x = noise
-        c = self.latent_channels
         timesteps = self.scheduler.timesteps
-        for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
-            model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            t_in = t.to(self.device).expand(model_in.shape[0])
-            with engine.step(i, float(t), len(timesteps)):
-                out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
-            eps = out[:, :c] if self.learned_sigma else out  # drop the learned variance
-            if cfg:
-                cond, uncond = eps.chunk(2)
-                k = c if guided_channels is None else guided_channels
-                guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
-                eps = torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
-            x = self.scheduler.step(eps, t, x).prev_sample
+        t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
+        # a method that caches the whole model output skips some steps' conditioning altogether: no table
+        per_step = any(site.role == "model" for site in engine.sites)
+        with self._conditioning(t_all, labels, precompute=not per_step) as conditioning:
+            for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
+                model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                t_in = t_all[i]
+                with conditioning(i, t_in), engine.step(i, float(t), len(timesteps)):
+                    out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
+                x = self._guided_step(out, t, x, cfg, guidance_scale, guided_channels)
         return x
+
+    def _guided_step(self, out: Tensor, t: Tensor, x: Tensor, cfg: bool, guidance_scale: float,
+                     guided_channels: Optional[int]) -> Tensor:
+        c = self.latent_channels
+        eps = out[:, :c] if self.learned_sigma else out  # drop the learned variance
+        if cfg:
+            cond, uncond = eps.chunk(2)
+            k = c if guided_channels is None else guided_channels
+            guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+            eps = torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
+        return self.scheduler.step(eps, t, x).prev_sample
+
+    @contextmanager
+    def _conditioning(self, timesteps: Tensor, labels: Tensor,
+                      precompute: bool = True) -> Iterator[Callable[[int, Tensor], Any]]:
+        """Each step's adaLN conditioning embeddings, computed once per block and step, or once per generation.
+
+        DiT evaluates `CombinedTimestepLabelEmbeddings` (sinusoid, 2-layer MLP, label lookup) in every block and
+        again (block 0's) for the final layer, at every step, although it depends only on (t, class). While step
+        i runs, each block's embedding module answers calls made with that step's own timestep and label tensors
+        (any other call, a probe or another batch, computes as usual):
+        - `model.precompute_conditioning=true` (and `precompute`): from a table evaluated once over all (step,
+          sample) rows before sampling. A skipped step cannot avoid its conditioning, and on a small model its
+          per-op cost is a large share of a skipped step; batched, it nearly vanishes. Bit-identical on the
+          tested CPU/float32 path (tests/test_engine.py compares both paths).
+        - otherwise: computed at its first call in the step and reused by the final layer's repeat call.
+        Both count the same FLOPs: one embedding per block and step. The adapter passes `precompute=False` when
+        steps may skip the model altogether (`reuse`), whose skipped steps need no conditioning.
+
+        Yields:
+            `conditioning(i, t_in)`: a context manager that opens step i, whose calls carry `t_in` and `labels`.
+        """
+        embs = list(dict.fromkeys(block.norm1.emb for block in self.transformer.transformer_blocks
+                                  if block.norm_type == "ada_norm_zero"))
+        if not embs:
+            yield lambda i, t_in: contextlib.nullcontext()
+            return
+        tables: dict[nn.Module, Tensor] = {}
+        if precompute and self.cfg.precompute_conditioning:
+            T, n = timesteps.shape
+            with torch.inference_mode():
+                tables = {emb: emb(timesteps.reshape(-1), labels.repeat(T), hidden_dtype=self.dtype).view(T, n, -1)
+                          for emb in embs}  # (T, 2B, D) each
+        current: dict[str, Any] = {"i": None, "t": None}
+        this_step: dict[nn.Module, Tensor] = {}
+
+        def answer(emb: nn.Module) -> Callable[..., Tensor]:
+            compute = type(emb).forward.__get__(emb)
+
+            def forward(timestep: Tensor, class_labels: Tensor, hidden_dtype: Optional[torch.dtype] = None) -> Tensor:
+                if timestep is not current["t"] or class_labels is not labels:
+                    return compute(timestep, class_labels, hidden_dtype=hidden_dtype)
+                if emb in tables:
+                    return tables[emb][current["i"]]
+                if emb not in this_step:
+                    this_step[emb] = compute(timestep, class_labels, hidden_dtype=hidden_dtype)
+                return this_step[emb]
+
+            return forward
+
+        @contextmanager
+        def conditioning(i: int, t_in: Tensor) -> Iterator[None]:
+            current.update(i=i, t=t_in)
+            this_step.clear()
+            try:
+                yield
+            finally:
+                current.update(i=None, t=None)
+                this_step.clear()
+
+        for emb in embs:
+            emb.forward = answer(emb)
+        try:
+            yield conditioning
+        finally:
+            for emb in embs:
+                del emb.forward  # the class's forward is visible again
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
