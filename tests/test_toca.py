@@ -1,0 +1,241 @@
+"""ToCa and DuCa: the force schedule, scores and token selection against hand-derived values; partial steps on a
+tiny random diffusers DiT against an independent reference; the attention probe against a closed form; FLOPs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import methods
+from foca_bench.adapters import build_adapter
+from foca_bench.config import validate
+from foca_bench.hooks import CacheEngine
+from foca_bench.profiling import count_flops
+from methods.base import PARTIAL, SiteKey, Step, Tokens
+from methods.fora import FORA, FORAConfig
+from methods.toca import spatial_bonus, toca_force_steps
+from tests.conftest import TINY, make_cfg
+
+STEPS = 10
+
+
+def test_force_schedule_matches_the_official_rule_worked_by_hand():
+    """T=50, N=3: s = 49 - i; after each force step the interval is round(3 / (1.4 - 0.8 s / 50)), e.g. 5 at
+    s=49, 4 at s=45 (so s=44 is next), 3 from s=32, 2 from s=12 (worked out step by step in the docstring's rule)."""
+    full = [i for i, f in enumerate(toca_force_steps(3, 50)) if f]
+    assert full == [0, 4, 5, 9, 13, 17, 19, 22, 25, 28, 31, 34, 37, 39, 41, 43, 45, 47, 49]
+    assert all(toca_force_steps(1, 50))  # N=1 computes every step
+
+
+def test_spatial_bonus_raises_the_top_token_of_each_2x2_patch():
+    score = torch.arange(16.0).view(1, 16)  # 4x4 grid, row-major: patch tops are 5, 7, 13, 15
+    out = spatial_bonus(score, 0.6)
+    expected = score.clone()
+    expected[0, [5, 7, 13, 15]] *= 1.6
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+    odd = torch.rand(2, 12)  # not a square grid: unchanged
+    assert torch.equal(spatial_bonus(odd, 0.6), odd)
+
+
+def toca(**cfg):
+    return methods.build({"name": "toca", "force_schedule": "interval", "N": 4, "warmup": 1, **cfg})
+
+
+def tokens(B=4, N=16, role="mlp", layer=0, layers=1, attention=None, paired=False):
+    return Tokens(role, layer, layers, batch=B, count=N, attention=attention, paired=paired)
+
+
+def test_fresh_ratio_follows_tocas_layer_step_and_module_factors():
+    m = toca(fresh_ratio=0.1)
+    step = Step(index=0, t=0.0, total=50)  # countdown s = 49: step factor 1.4 - 0.8 * 49 / 50 = 0.616
+    assert m.fresh_ratio(step, tokens(layer=0, layers=28)) == pytest.approx(0.1 * 1.8 * 0.616 * 2.5)
+    assert m.fresh_ratio(Step(49, 0.0, 50), tokens(layer=27, layers=28)) == pytest.approx(0.1 * 0.2 * 1.4 * 2.5)
+    assert m.fresh_ratio(step, tokens(role="attn")) == 0.0  # attention is reused whole at partial steps
+    assert toca(fresh_ratio=0.1, ratio_schedule="constant").fresh_ratio(step, tokens(role="attn")) == 0.1
+
+
+def test_selection_staleness_and_scatter():
+    """Random scores + a dominant staleness term refresh tokens round-robin; the cache holds exactly the
+    recomputed rows where selected and the full step's rows elsewhere, without touching the full step's tensor."""
+    m = toca(fresh_ratio=0.25, ratio_schedule="constant", score="random", soft_fresh_weight=1e6, spatial_bonus=0.0)
+    key = SiteKey("blocks.0.mlp")
+    full = torch.randn(4, 16, 3)
+    given = full.clone()
+    m.update(key, Step(0, 0.0, 8), given)
+    kept = full.clone()
+    refreshed = torch.zeros(4, 16, dtype=torch.int)
+    chosen = {}
+    for i in range(1, 5):
+        idx = chosen[i] = m.select(key, Step(i, 0.0, 8), tokens())
+        assert idx.shape == (4, 4) and all(len(set(row.tolist())) == 4 for row in idx)
+        refreshed.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int))
+        fresh = torch.randn(4, 4, 3)
+        value = m.update_tokens(key, Step(i, 0.0, 8), idx, fresh)
+        expected = kept.clone()
+        for b in range(4):
+            expected[b, idx[b]] = fresh[b]
+        assert torch.equal(value, expected)
+        kept = expected
+    assert torch.equal(refreshed, torch.ones_like(refreshed))  # every token once in four partial steps
+    for i, idx in chosen.items():  # age: partial steps since the token was recomputed
+        assert (m.cache[key].age.gather(1, idx) == 4 - i).all()
+    assert torch.equal(given, full)  # the full step's own tensor was copied before the first scatter
+
+
+def test_random_scores_are_shared_by_the_cfg_halves():
+    m = toca(fresh_ratio=0.25, ratio_schedule="constant", score="random")
+    key = SiteKey("blocks.0.mlp")
+    m.update(key, Step(0, 0.0, 8), torch.randn(4, 16, 3))
+    idx = m.select(key, Step(1, 0.0, 8), tokens(paired=True))
+    assert torch.equal(idx[:2], idx[2:])
+
+
+def test_attention_score_picks_the_most_attended_tokens():
+    m = toca(fresh_ratio=0.25, ratio_schedule="constant", score="attention", spatial_bonus=0.0)
+    key = SiteKey("blocks.0.mlp")
+    m.update(key, Step(0, 0.0, 8), torch.randn(2, 16, 3))
+    received = torch.rand(2, 16)
+    idx = m.select(key, Step(1, 0.0, 8), tokens(B=2, attention=received))
+    assert torch.equal(idx.sort(dim=1).values, received.topk(4, dim=1).indices.sort(dim=1).values)
+
+
+# -- on a tiny random diffusers DiT -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter():
+    cfg = make_cfg(*TINY)
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+def generate(adapter, method, labels=(1, 7), seeds=(0, 1), engine_class=CacheEngine, **engine_kwargs):
+    method = methods.build({"warmup": 1, **method}) if isinstance(method, dict) else method
+    with engine_class(method, adapter.sites(), **engine_kwargs) as engine:
+        out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), STEPS, 3.0)
+    return out, engine
+
+
+class _ReuseAttentionComputeMLP(FORA):
+    """Independent reference for ToCa at fresh_ratio=1: attention reused whole, every MLP token computed (run with
+    feeder elision off: the MLP's LayerNorm must run although the plan forecasts)."""
+
+    def computes(self, key, step, plan):
+        return plan.full or key.site.endswith(".mlp")
+
+
+def test_full_fresh_ratio_equals_reusing_attention_and_computing_the_mlp(adapter):
+    out, _ = generate(adapter, {"name": "toca", "N": 3, "fresh_ratio": 1.0, "ratio_schedule": "constant",
+                                "force_schedule": "interval", "score": "random"})
+    reference, _ = generate(adapter, _ReuseAttentionComputeMLP(FORAConfig(name="fora", N=3, warmup=1)),
+                            elide_feeders=False)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
+def count_calls(adapter, method):
+    """([(step, tokens) of every MLP call], number of attention calls) of block 0 over a generation."""
+    block = adapter.transformer.transformer_blocks[0]
+    mlp, attn, current = [], [], []
+
+    class StepEngine(CacheEngine):
+        def step(self, index, t, total=None):
+            current.append(index)
+            return super().step(index, t, total)
+
+    hooks = [block.ff.net[0].register_forward_hook(lambda mod, args, out: mlp.append((current[-1], args[0].shape[1]))),
+             block.attn1.to_q.register_forward_hook(lambda *a: attn.append(1))]
+    try:
+        _, engine = generate(adapter, method, engine_class=StepEngine)
+    finally:
+        for h in hooks:
+            h.remove()
+    return mlp, len(attn), engine
+
+
+def test_partial_steps_run_the_mlp_on_the_selected_tokens_only(adapter):
+    tokens_per_sample = (16 // 2) ** 2
+    mlp, attn, engine = count_calls(adapter, {"name": "toca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
+                                              "force_schedule": "interval", "score": "random"})
+    assert engine.full_steps == attn == 4  # steps 0, 1, 4, 7; int(0.25 * 64) = 16 tokens at the others
+    assert mlp == [(i, tokens_per_sample if i in (0, 1, 4, 7) else 16) for i in range(STEPS)]
+
+
+def test_duca_alternates_conservative_and_aggressive_steps(adapter):
+    """Full at 0, 1, 4, 7; the cached steps 2, 3 / 5, 6 / 8, 9 follow C, A: the MLP runs partially at 2, 5, 8."""
+    mlp, attn, engine = count_calls(adapter, {"name": "duca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
+                                              "force_schedule": "interval"})
+    assert attn == 4 and mlp == [(0, 64), (1, 64), (2, 16), (4, 64), (5, 16), (7, 64), (8, 16)]
+    mlp, _, _ = count_calls(adapter, {"name": "duca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
+                                      "force_schedule": "interval", "pattern": "AC"})
+    assert mlp == [(0, 64), (1, 64), (3, 16), (4, 64), (6, 16), (7, 64), (9, 16)]
+
+
+def test_attention_probe_matches_sdpa_and_a_closed_form(adapter):
+    """The probe's output equals the fused attention; what it reports is softmax(q k^T / sqrt(d)) averaged over
+    heads and summed over queries, so each sample's scores sum to the number of queries."""
+    attn_site = next(s for s in adapter.sites() if s.name == "blocks.0.attn")
+    attn = attn_site.module
+    x = torch.randn(2, 64, attn.to_q.in_features)
+    with torch.inference_mode():
+        out, received = attn_site.attention_probe(attn.forward, (x,), {})
+        torch.testing.assert_close(out, attn(x), rtol=1e-5, atol=1e-5)
+        heads = attn.heads
+        split = lambda t: t.view(2, 64, heads, -1).transpose(1, 2)  # noqa: E731
+        q, k = split(attn.to_q(x)), split(attn.to_k(x))
+        probs = F.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (B, H, N, N)
+    torch.testing.assert_close(received, probs.mean(1).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(received.sum(1), torch.full((2,), 64.0), rtol=1e-5, atol=1e-4)
+    assert "get_attention_scores" not in attn.__dict__  # restored
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped, trained toy_dit: smooth feature trajectories, unlike random weights."""
+    cfg = make_cfg()
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+def test_recomputed_tokens_bring_the_trained_toy_closer_to_full_compute(toy):
+    """Same schedule (N=3 interval): FORA recomputes nothing between full steps, ToCa some MLP tokens, more of them
+    with a higher fresh ratio; DuCa's aggressive steps put it between ToCa and FORA."""
+    labels, noise = torch.tensor([3, 8, 1, 5]), toy.make_noise([0, 1, 2, 3])
+
+    def error(cache):
+        with CacheEngine(methods.build({"warmup": 1, "N": 3, **cache}), toy.sites()) as engine:
+            out = toy.generate(engine, labels, noise, 50, 1.5)
+        return ((out - reference).norm() / reference.norm()).item()
+
+    with CacheEngine(methods.build({"name": "none"}), toy.sites()) as engine:
+        reference = toy.generate(engine, labels, noise, 50, 1.5)
+    interval = {"force_schedule": "interval", "score": "attention"}
+    fora, duca = error({"name": "fora"}), error({"name": "duca", **interval})
+    toca, toca_more = error({"name": "toca", **interval}), error({"name": "toca", **interval, "fresh_ratio": 0.3})
+    assert 0.0 < toca_more < toca < duca < fora < 0.1
+
+
+def test_toca_flops_are_fora_plus_the_partial_mlp_tokens():
+    """Closed form: each partial step adds, per block, the MLP on k tokens of the CFG batch of 2:
+    2 linears (D -> 4D -> D) = 16 D^2 FLOPs per token."""
+    cfg = make_cfg(*TINY, "model.weights=meta")
+    validate(cfg)
+    meta = build_adapter(cfg.model, "meta")
+    D, L, tokens_per_sample = 32, 2, 64
+
+    def flops(method):
+        def run():
+            with CacheEngine(methods.build({"warmup": 1, **method}), meta.sites()) as engine:
+                meta.generate(engine, torch.tensor([1]), meta.make_noise([0]), STEPS, 3.0)
+        return count_flops(run)
+
+    k = int(0.25 * tokens_per_sample)
+    toca_flops = flops({"name": "toca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
+                        "force_schedule": "interval", "score": "random"})
+    fora_flops = flops({"name": "fora", "N": 3})
+    partial_steps = STEPS - 4
+    assert toca_flops - fora_flops == partial_steps * L * 2 * k * 16 * D * D
+
+
+def test_toca_plan_marks_partial_steps():
+    m = methods.build({"name": "toca", "N": 3})
+    plans = [m.plan(Step(i, 0.0, 50)) for i in range(50)]
+    assert [i for i, p in enumerate(plans) if p.full] == [i for i, f in enumerate(toca_force_steps(3, 50)) if f]
+    assert all(p == PARTIAL for p in plans if not p.full)
