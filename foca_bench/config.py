@@ -184,6 +184,8 @@ def validate(cfg: DictConfig) -> CacheConfig:
                              f"{key!r}; its knobs are {sorted(cfg.cache)}.")
         if cfg.cache[key] is None or (OmegaConf.is_list(cfg.cache[key]) and len(cfg.cache[key]) == 0):
             cfg.cache[key] = value
+    if "steps" in cfg.cache and cfg.cache.steps is None:  # methods whose hooks must know T (diffusers_magcache)
+        cfg.cache.steps = cfg.sampler.steps
     if cfg.profile.meta:  # FLOP counting on the meta device never needs weights
         cfg.model.weights = "meta"
     if cfg.sampler.guidance_scale is None:

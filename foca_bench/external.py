@@ -14,9 +14,10 @@ _ATTN_FF = [r"transformer_blocks\.\d+\.(attn1|ff)"]
 
 
 def _hook_names(name: str) -> list[str]:
-    from diffusers.hooks import first_block_cache, pyramid_attention_broadcast, taylorseer_cache
+    from diffusers.hooks import first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer_cache
 
     return {
+        "diffusers_magcache": [mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK],
         "diffusers_taylorseer": [taylorseer_cache._TAYLORSEER_CACHE_HOOK],
         "diffusers_fbcache": [first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK],
         "diffusers_pab": [pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK],
@@ -45,6 +46,14 @@ def attach(cfg, model: nn.Module, now: Callable[[], float]) -> Callable[[], None
         apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=cfg.N, spatial_attention_timestep_skip_range=(cfg.low, cfg.high),
             spatial_attention_block_identifiers=(r"transformer_blocks\.\d+",), current_timestep_callback=now))
+    elif cfg.name == "diffusers_magcache":
+        from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+        if cfg.steps is None:
+            raise ValueError("diffusers_magcache needs cache.steps (the run's sampler.steps; `validate` fills it).")
+        apply_mag_cache(model, MagCacheConfig(
+            threshold=cfg.threshold, max_skip_steps=cfg.max_skip_steps, retention_ratio=cfg.retention_ratio,
+            num_inference_steps=cfg.steps, mag_ratios=list(cfg.mag_ratios)))
     else:
         raise ValueError(f"no diffusers hook for method {cfg.name!r}")
     _invalidate(model)  # the registry caches its children: make it see the hooks just added

@@ -25,9 +25,10 @@ from foca_bench.records import group_records
 PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
                 "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "diffusers TaylorSeer",
-                "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB"}
+                "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB", "toca": "ToCa",
+                "duca": "DuCa", "diffusers_magcache": "diffusers MagCache"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),
-                "diffusers_fbcache": ("threshold",)}  # knobs every row label names, as the paper's do
+                "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",)}  # as the paper's labels do
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
@@ -80,7 +81,7 @@ def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     cls = methods.get(record["method"])
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
     always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
-    knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", *cls.model_specific)
+    knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", "steps", *cls.model_specific)
              and (v != defaults.get(k) or k in always)]
     if "warmup" in cache and cache["warmup"] != record["config"]["model"]["warmup"]:
         knobs.append("warmup")

@@ -8,7 +8,7 @@ Adding a method is `methods/foo.py` plus `conf/method/foo.yaml`; this package im
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -56,7 +56,8 @@ def get(name: str) -> type[CacheMethod]:
     return METHODS[name]
 
 
-def replay(name: str, values: Tensor, times: Tensor, full: Tensor, **config: Any) -> Tensor:
+def replay(name: str, values: Tensor, times: Tensor, full: Tensor, *, role: str = "mlp", layer: tuple[int, int] = (0, 1),
+           **config: Any) -> Tensor:
     """Replays a method over one site's recorded trajectory.
 
     Drives the same `update`/`forecast` code as live generation (through `methods.base.resolve`), with the
@@ -67,7 +68,9 @@ def replay(name: str, values: Tensor, times: Tensor, full: Tensor, **config: Any
         values: the site's true trajectory, (T, ...).
         times: the scheduler's time value at each step, (T,). Used when the method's `time` is `sigma`,
             which replay selects unless `time` is given.
-        full: which steps are computed, (T,) bool.
+        full: which steps are computed, (T,) bool. For a token-wise method (ToCa, DuCa) the other steps are
+            partial: `values` is (T, B, tokens, ...), and the tokens the method selects take their true values.
+        role, layer: what a token-wise method knows of the site: its role and (block index, number of blocks).
         **config: fields of the method's config (e.g. `slope="full"`, `O=2`).
 
     Returns:
@@ -83,9 +86,19 @@ def replay(name: str, values: Tensor, times: Tensor, full: Tensor, **config: Any
     method = cls(cls.config_class(name=name, **config))
     method.reset()
     key = SiteKey("replay")
+    T = len(values)
+
+    def partial(v: Tensor) -> Optional[tuple[Tokens, Callable[[Tensor], Tensor]]]:
+        if not method.tokenwise:
+            return None
+        tokens = Tokens(role, *layer, batch=v.shape[0], count=v.shape[1])
+        return tokens, lambda idx: v.gather(1, idx.view(*idx.shape, *([1] * (v.dim() - 2))).expand(
+            *idx.shape, *v.shape[2:]))
+
     out = [
-        resolve(method, key, Step(i, float(times[i])), bool(full[i]), lambda v=values[i]: v).clone()
-        for i in range(len(values))  # clone: a forecast is only valid until the next step
+        resolve(method, key, Step(i, float(times[i]), T), bool(full[i]), lambda v=values[i]: v,
+                None if bool(full[i]) else partial(values[i])).clone()
+        for i in range(T)  # clone: a forecast is only valid until the next step
     ]
     return torch.stack(out)
 

@@ -1,16 +1,18 @@
 """The ecosystem's own implementations, run through diffusers' hooks, as table rows beside ours:
-`method=diffusers_taylorseer` (`TaylorSeerCacheConfig`), `method=diffusers_fbcache` (`FirstBlockCacheConfig`)
-and `method=diffusers_pab` (`PyramidAttentionBroadcastConfig`).
+`method=diffusers_taylorseer` (`TaylorSeerCacheConfig`), `method=diffusers_fbcache` (`FirstBlockCacheConfig`),
+`method=diffusers_pab` (`PyramidAttentionBroadcastConfig`) and `method=diffusers_magcache` (`MagCacheConfig`).
 
 These methods compute nothing themselves: the engine hands their config to `foca_bench.external`, which applies
 diffusers' hook to the model for the engine's lifetime, resets its state at every generation and removes it on
 exit. Their schedules are diffusers' own (e.g. TaylorSeerCache computes steps i < d and d + 1 + kN, see
-docs/methods.md), and the record's full-step count is unknown (diffusers does not report it). MagCache needs
-per-model magnitude ratios and FasterCache separate cond/uncond passes, which batched-CFG DiT does not have;
-they come with the models that support them.
+docs/methods.md), and the record's full-step count is unknown (diffusers does not report it). MagCache's
+magnitude ratios are per model (`model.method_defaults.diffusers_magcache.mag_ratios`, fitted by
+`python -m foca_bench.calibrate_magcache`). FasterCache needs separate cond/uncond passes, which batched-CFG DiT
+does not have; it comes with the models that support them.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from torch import Tensor
 
@@ -88,3 +90,39 @@ class DiffusersPABConfig(CacheConfig):
 @register("diffusers_pab")
 class DiffusersPAB(_External):
     config_class = DiffusersPABConfig
+
+
+@dataclass
+class DiffusersMagCacheConfig(CacheConfig):
+    """MagCache (arXiv:2506.09045): the whole block stack is skipped (input + last residual) while the accumulated
+    error sum |1 - prod(ratio)| of the model's magnitude ratios stays within `threshold`, at most `max_skip_steps`
+    in a row, never in the first `retention_ratio` of the steps.
+
+    Attributes:
+        mag_ratios: the model's per-step residual magnitude ratios (from `model.method_defaults`).
+        steps: the number of sampling steps the hook interpolates the ratios to; null takes `sampler.steps`.
+    """
+
+    name: str = "diffusers_magcache"
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+    mag_ratios: List[float] = field(default_factory=list)
+    steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threshold < 0:
+            raise ValueError(f"cache.threshold={self.threshold} must be >= 0 (0 computes every step).")
+        if self.max_skip_steps < 0 or not 0.0 <= self.retention_ratio <= 1.0:
+            raise ValueError(f"cache.max_skip_steps={self.max_skip_steps} must be >= 0 and cache.retention_ratio="
+                             f"{self.retention_ratio} in [0, 1].")
+
+
+@register("diffusers_magcache")
+class DiffusersMagCache(_External):
+    config_class = DiffusersMagCacheConfig
+    schedule_free = True
+    model_specific = ("mag_ratios",)
+    how_to_set = ("`python -m foca_bench.calibrate_magcache model=<name>` measures them and prints the YAML for "
+                  "model.method_defaults.diffusers_magcache")

@@ -30,7 +30,8 @@ def generate(adapter, name, labels=(1, 7), seeds=(0, 1), trace=False, **cache):
 
 
 # the setting that computes every step: N=1 for interval methods, threshold 0 for TeaCache
-EXACT = {"teacache": {"l": 0.0, "coefficients": [1.0, 0.0]}, "diffusers_fbcache": {"threshold": 0.0}}
+EXACT = {"teacache": {"l": 0.0, "coefficients": [1.0, 0.0]}, "diffusers_fbcache": {"threshold": 0.0},
+         "diffusers_magcache": {"max_skip_steps": 0, "mag_ratios": [1.0] * STEPS, "steps": STEPS}}
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))

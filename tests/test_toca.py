@@ -239,3 +239,24 @@ def test_toca_plan_marks_partial_steps():
     plans = [m.plan(Step(i, 0.0, 50)) for i in range(50)]
     assert [i for i, p in enumerate(plans) if p.full] == [i for i, f in enumerate(toca_force_steps(3, 50)) if f]
     assert all(p == PARTIAL for p in plans if not p.full)
+
+
+def test_replay_recomputes_the_selected_tokens_from_the_trajectory():
+    """values[i] = i at every token. fresh_ratio=1: partial steps take every token's true value (exact). One
+    token per partial step with a dominant staleness term: round robin, so after four partial steps the four
+    tokens hold 1, 2, 3, 4 in some order, and each step's value is the previous one with one token made i."""
+    T, full = 6, torch.tensor([True, False, False, False, False, True])
+    values = torch.arange(T, dtype=torch.float64).view(T, 1, 1, 1).expand(T, 1, 4, 2).clone()
+    times = torch.arange(T, dtype=torch.float64)
+    every = methods.replay("toca", values, times, full, fresh_ratio=1.0, ratio_schedule="constant", N=4)
+    assert torch.equal(every, values)
+    one = methods.replay("toca", values, times, full, fresh_ratio=0.25, ratio_schedule="constant", N=4,
+                         soft_fresh_weight=1e6, spatial_bonus=0.0, score="random")
+    assert sorted(one[4, 0, :, 0].tolist()) == [1.0, 2.0, 3.0, 4.0]
+    for i in range(1, 5):
+        changed = (one[i] != one[i - 1]).any(-1)[0]
+        assert changed.sum() == 1 and (one[i, 0, changed] == i).all()
+    assert torch.equal(one[5], values[5])
+    duca = methods.replay("duca", values, times, full, fresh_ratio=1.0, ratio_schedule="constant", N=4)
+    assert torch.equal(duca[1], values[1]) and torch.equal(duca[2], values[1])  # C then A (reused)
+    assert torch.equal(duca[3], values[3]) and torch.equal(duca[4], values[3])
