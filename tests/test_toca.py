@@ -260,3 +260,19 @@ def test_replay_recomputes_the_selected_tokens_from_the_trajectory():
     duca = methods.replay("duca", values, times, full, fresh_ratio=1.0, ratio_schedule="constant", N=4)
     assert torch.equal(duca[1], values[1]) and torch.equal(duca[2], values[1])  # C then A (reused)
     assert torch.equal(duca[3], values[3]) and torch.equal(duca[4], values[3])
+
+
+def test_attention_scores_cost_no_extra_flops():
+    """The explicit-softmax attention that records the map counts the same FLOPs as the fused kernel."""
+    cfg = make_cfg(*TINY, "model.weights=meta")
+    validate(cfg)
+    meta = build_adapter(cfg.model, "meta")
+
+    def flops(score):
+        def run():
+            method = methods.build({"name": "toca", "N": 3, "warmup": 1, "force_schedule": "interval", "score": score})
+            with CacheEngine(method, meta.sites()) as engine:
+                meta.generate(engine, torch.tensor([1]), meta.make_noise([0]), STEPS, 3.0)
+        return count_flops(run)
+
+    assert flops("attention") == flops("random")

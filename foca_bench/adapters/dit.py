@@ -177,8 +177,9 @@ class DiTAdapter(Adapter):
         x = noise
         timesteps = self.scheduler.timesteps
         t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
-        # a method that caches the whole model output skips some steps' conditioning altogether: no table
-        per_step = any(site.role == "model" for site in engine.sites)
+        # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT) leave some conditioning
+        # unused: they keep the per-step path, so no FLOPs are spent on embeddings nobody reads
+        per_step = any(site.role in ("model", "blocks", "block") for site in engine.sites)
         with self._conditioning(t_all, labels, precompute=not per_step) as conditioning:
             for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
                 model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG
@@ -215,7 +216,8 @@ class DiTAdapter(Adapter):
           tested CPU/float32 path (tests/test_engine.py compares both paths).
         - otherwise: computed at its first call in the step and reused by the final layer's repeat call.
         Both count the same FLOPs: one embedding per block and step. The adapter passes `precompute=False` when
-        steps may skip the model altogether (`reuse`), whose skipped steps need no conditioning.
+        a method may skip whole blocks or the whole model (`reuse`, `teacache`, `delta_dit`), whose skipped blocks
+        need no conditioning.
 
         Yields:
             `conditioning(i, t_in)`: a context manager that opens step i, whose calls carry `t_in` and `labels`.
