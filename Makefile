@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install demo test test-slow toy-model tables flops-dit bench clean-results
+.PHONY: install demo test test-slow toy-model tables flops-dit flops-flux bench clean-results
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ tables: install
 # The paper's Table 3 rows on the real DiT-XL/2 architecture, FLOPs on the meta device (no weights needed).
 flops-dit: install
 	$(RUN) -m experiment=table3_dit
+	$(PY) -m foca_bench.tables
+
+flops-flux: install
+	$(RUN) -m experiment=table1_flux
 	$(PY) -m foca_bench.tables
 
 # Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.

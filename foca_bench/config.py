@@ -30,6 +30,7 @@ class ModelConfig:
         warmup: the model's default `cache.warmup`.
         method_defaults: settings that depend on the model and the method together, by method name (e.g.
             `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
+        text_tokens: prompt length in tokens of a text-conditioned model (FLUX's T5 `max_sequence_length`).
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
             pooled embeddings) once per generation instead of once per block and step; same values, same FLOPs,
             less per-step overhead for full and skipped steps alike. `false` computes them step by step.
@@ -49,6 +50,7 @@ class ModelConfig:
     scheduler: Dict[str, Any] = field(default_factory=dict)
     method_defaults: Dict[str, Any] = field(default_factory=dict)
     precompute_conditioning: bool = True
+    text_tokens: int = 0
 
 
 @dataclass

@@ -111,8 +111,11 @@ class CacheEngine:
         self.method = method
         self.elide_feeders = elide_feeders
         # a method that caches nothing (`none`) still has its attention/MLP trajectories traced when asked
-        roles = method.roles or (("attn", "mlp") if trace else ())
+        roles = method.roles or (("attn", "mlp", "fused") if trace else ())
         self.sites = [s for s in sites if s.role in roles]
+        if method.roles and not self.sites:
+            raise ValueError(f"method={method.name} caches sites with roles {', '.join(method.roles)}, and this "
+                             f"model's adapter offers none (it offers {', '.join(sorted({s.role for s in sites}))}).")
         # diffusers' own hooks (`diffusers_*` methods) go on the whole model
         self._model = next((s.module for s in sites if s.role == "model"), None) if method.external else None
         self._detach: Optional[Callable[[], None]] = None

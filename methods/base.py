@@ -113,14 +113,15 @@ class CacheMethod(ABC):
 
     Class attributes:
         name: registry key, the same string as `conf/method/<name>.yaml`.
-        roles: the site roles the method caches (`attn`, `mlp`, or `model` for the whole model output).
+        roles: the site roles the method caches (`attn`, `mlp`, `fused` for a single-stream block's fused
+            attention+MLP output, or `model` for the whole model output).
         schedule_free: True for methods whose result does not depend on `N`/`warmup`/`time`
             (they are dropped from the run's identity).
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type] = CacheConfig
-    roles: ClassVar[tuple[str, ...]] = ("attn", "mlp")
+    roles: ClassVar[tuple[str, ...]] = ("attn", "mlp", "fused")
     schedule_free: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
     tokenwise: ClassVar[bool] = False  # recomputes selected tokens at partial steps (`select`, `update_tokens`)

@@ -148,7 +148,10 @@ class ToCa(CacheMethod):
     def scores(self, key: SiteKey, tokens: Tokens) -> Tensor:
         """s1 (+ s3 + s4) per sample and token, (B, tokens)."""
         B, N = tokens.batch, tokens.count
-        if self.cfg.score == "attention" and tokens.attention is not None:
+        if self.cfg.score == "attention":
+            if tokens.attention is None:
+                raise ValueError(f"cache.score=attention needs the attention map of {key.site}'s block, which this "
+                                 "model's adapter does not provide: use cache.score=random.")
             score = F.normalize(tokens.attention.float(), p=2, dim=1)
         else:
             pairs = tokens.paired and B % 2 == 0

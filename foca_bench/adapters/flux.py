@@ -1,0 +1,228 @@
+"""FLUX adapter (FLUX.1-dev): diffusers `FluxTransformer2DModel` with FluxPipeline's flow-matching sampling loop.
+
+Cache sites, as TaylorSeer's FLUX code caches them: per double-stream `FluxTransformerBlock`, the joint attention
+output (image and text streams, one module call: cached as one tensor, text tokens first) and the image and text
+feed-forward outputs, all before gating and the residual add; per single-stream `FluxSingleTransformerBlock`, its
+fused output (`proj_out` of the attention and MLP branches, before the gate). On a skipped step the modules that
+only feed a skipped site (the pre-attention and pre-MLP LayerNorms, and a single block's attention and MLP input
+projection) return cheap stand-ins instead of running, so only modulation, embeddings and the final layer run.
+Double blocks return `(encoder_hidden_states, hidden_states)`: the text stream first.
+
+FLUX.1-dev is guidance-distilled: guidance is an embedded scalar, one forward per step, no CFG batch. Prompts are
+T5/CLIP embeddings from the pipeline's text encoders (`model.weights=pretrained`), or seeded random embeddings of
+the same shapes for `random` and `meta` weights (FLOPs and timing do not depend on their values).
+"""
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from foca_bench.adapters import register_adapter
+from foca_bench.adapters.base import Adapter, MissingWeightsError
+from foca_bench.hooks import CacheEngine, Site
+
+VAE_SCALE = 8  # FLUX's autoencoder downsamples by 8, and latents are packed in 2x2 patches
+
+
+def _first_token(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Stand-in for a skipped site's LayerNorm: a (B, 1, D) view that broadcasts through the modulation."""
+    return x[:, :1]
+
+
+def _zeros_like_linear(linear: nn.Linear):
+    """Stand-in for a linear that feeds only a skipped site: (B, 1, out_features) zeros."""
+
+    def stand_in(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x.new_zeros(x.shape[0], 1, linear.out_features)
+
+    return stand_in
+
+
+def _attention_stand_in(*args: Any, **kwargs: Any) -> Tensor:
+    """Stand-in for a single block's attention that feeds only its skipped fused output."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden[:, :1]
+
+
+class _JointAttention:
+    """Packs a double block's attention output (image, text) as one tensor, text tokens first, and back."""
+
+    def __init__(self) -> None:
+        self.text_tokens: Optional[int] = None
+
+    def unpack(self, out: tuple) -> Tensor:
+        image, text = out[0], out[1]
+        self.text_tokens = text.shape[1]
+        return torch.cat([text, image], dim=1)
+
+    def pack(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        return value[:, self.text_tokens:], value[:, : self.text_tokens]
+
+
+@register_adapter("flux")
+class FluxAdapter(Adapter):
+    def __init__(self, cfg: Any, device: str) -> None:
+        super().__init__(cfg, device)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = self._load_transformer().eval().requires_grad_(False)
+        if self.device.type != "meta":
+            self.transformer.to(self.device, self.dtype)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
+        self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
+        self.prompts: list[str] = []  # set by a text benchmark; labels index it
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def _location(self) -> str:
+        return str(self.cfg.path or self.cfg.hub_id)
+
+    def _load_transformer(self) -> nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        arch = dict(self.cfg.arch)
+        if "axes_dims_rope" in arch:
+            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
+        if self.cfg.weights == "meta":
+            with torch.device("meta"):
+                return FluxTransformer2DModel(**arch)
+        if self.cfg.weights == "random":
+            torch.manual_seed(0)
+            return FluxTransformer2DModel(**arch)
+        try:
+            return FluxTransformer2DModel.from_pretrained(self._location(), subfolder="transformer",
+                                                          torch_dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing("transformer") from err
+
+    def _load_pipeline(self) -> Any:
+        """Text encoders, tokenizers and VAE of FluxPipeline around our transformer."""
+        from diffusers import FluxPipeline
+
+        try:
+            pipe = FluxPipeline.from_pretrained(self._location(), transformer=self.transformer,
+                                                torch_dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
+        return pipe.to(self.device)
+
+    def _missing(self, part: str) -> MissingWeightsError:
+        return MissingWeightsError(
+            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part} under "
+            f"'{self._location()}'. Download {self.cfg.hub_id} where you have network and set "
+            "model.path=/path/to/copy (a diffusers folder holding transformer/, vae/, text_encoder/, "
+            f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/), e.g. `python run.py model={self.cfg.name} "
+            "model.path=/data/FLUX.1-dev`. `profile=flops_only` needs no weights.")
+
+    # -- cache sites -----------------------------------------------------------------------------------------
+    def sites(self) -> list[Site]:
+        sites = []
+        double, single = self.transformer.transformer_blocks, self.transformer.single_transformer_blocks
+        L = len(double) + len(single)
+        for i, block in enumerate(double):
+            joint = _JointAttention()
+            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn, unpack=joint.unpack, pack=joint.pack,
+                              layer=(i, L), feeders=((block.norm1.norm, _first_token),
+                                                     (block.norm1_context.norm, _first_token))))
+            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True,
+                              feeders=((block.norm2, _first_token),)))
+            sites.append(Site(f"blocks.{i}.mlp_context", "mlp", block.ff_context, layer=(i, L), tokenwise=True,
+                              feeders=((block.norm2_context, _first_token),)))
+        for j, block in enumerate(single):
+            i = len(double) + j
+            sites.append(Site(f"single_blocks.{j}.fused", "fused", block.proj_out, layer=(i, L),
+                              feeders=((block.norm.norm, _first_token), (block.attn, _attention_stand_in),
+                                       (block.proj_mlp, _zeros_like_linear(block.proj_mlp)))))
+        sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
+        return sites
+
+    # -- sampling --------------------------------------------------------------------------------------------
+    def _latent_side(self) -> int:
+        return 2 * (self.cfg.resolution // (VAE_SCALE * 2))
+
+    def make_noise(self, seeds: list[int]) -> Tensor:
+        from diffusers import FluxPipeline
+
+        side, channels = self._latent_side(), self.transformer.config.in_channels // 4
+        if self.device.type == "meta":
+            return torch.empty((len(seeds), (side // 2) ** 2, channels * 4), device="meta", dtype=self.dtype)
+        noise = [torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(int(s)))
+                 for s in seeds]
+        packed = FluxPipeline._pack_latents(torch.cat(noise), len(seeds), channels, side, side)
+        return packed.to(self.device, self.dtype)  # (B, tokens, 64), identical on every device
+
+    def _prompt_embeddings(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(prompt_embeds (B, text_tokens, joint_dim), pooled (B, pooled_dim)) for the prompts `labels` index."""
+        arch = self.transformer.config
+        B, T = len(labels), self.cfg.text_tokens
+        if self.device.type == "meta":
+            return (torch.empty(B, T, arch.joint_attention_dim, device="meta", dtype=self.dtype),
+                    torch.empty(B, arch.pooled_projection_dim, device="meta", dtype=self.dtype))
+        if self.pipeline is None:  # random weights: seeded random embeddings, one generator per prompt index
+            gens = [torch.Generator().manual_seed(10_000 + int(k)) for k in labels]
+            embeds = torch.stack([torch.randn(T, arch.joint_attention_dim, generator=g) for g in gens])
+            pooled = torch.stack([torch.randn(arch.pooled_projection_dim, generator=g) for g in gens])
+            return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+        if not self.prompts:
+            raise ValueError("FLUX generates from prompts: run it with a text benchmark (benchmark=drawbench), "
+                             "which sets them.")
+        texts = [self.prompts[int(k)] for k in labels]
+        embeds, pooled, _ = self.pipeline.encode_prompt(texts, prompt_2=None, device=self.device,
+                                                        max_sequence_length=T)
+        return embeds, pooled
+
+    @torch.inference_mode()
+    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+        from diffusers import FluxPipeline
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        engine.reset()  # every generation starts from a clean cache; no CFG batch (guidance is embedded)
+        B, tokens = noise.shape[0], noise.shape[1]
+        embeds, pooled = self._prompt_embeddings(labels)
+        side = self._latent_side() // 2
+        img_ids = FluxPipeline._prepare_latent_image_ids(B, side, side, self.device, self.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        sc = self.scheduler.config
+        mu = calculate_shift(tokens, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu, device="cpu")
+        guidance = (torch.full((B,), guidance_scale, device=self.device, dtype=torch.float32)
+                    if self.transformer.config.guidance_embeds else None)
+        x = noise
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
+            t_in = t.expand(B).to(self.device, x.dtype) / 1000
+            with engine.step(i, float(t), len(timesteps)):
+                velocity = self.transformer(hidden_states=x, timestep=t_in, guidance=guidance,
+                                            pooled_projections=pooled, encoder_hidden_states=embeds,
+                                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+            x = self._euler_step(velocity, t, x)
+        return x
+
+    def _euler_step(self, velocity: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        if x.device.type == "meta":  # shapes only: the scheduler's step indexes real sigmas
+            self.scheduler._step_index = (self.scheduler._step_index or 0) + 1
+            return x
+        return self.scheduler.step(velocity, t, x, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        from diffusers import FluxPipeline
+
+        if self.pipeline is None:
+            raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
+        vae = self.pipeline.vae
+        unpacked = FluxPipeline._unpack_latents(latents, self.cfg.resolution, self.cfg.resolution, VAE_SCALE)
+        images = vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample
+        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    def provenance(self) -> dict:
+        return {
+            "pipeline": "diffusers FluxPipeline loop (foca_bench/adapters/flux.py)",
+            "scheduler": type(self.scheduler).__name__,
+            "scheduler_config": dict(self.scheduler.config),
+            "guidance": "embedded (guidance-distilled), no CFG batch",
+            "text_tokens": self.cfg.text_tokens,
+        }
