@@ -198,14 +198,8 @@ class FluxAdapter(Adapter):
                 velocity = self.transformer(hidden_states=x, timestep=t_in, guidance=guidance,
                                             pooled_projections=pooled, encoder_hidden_states=embeds,
                                             txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-            x = self._euler_step(velocity, t, x)
+            x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
         return x
-
-    def _euler_step(self, velocity: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        if x.device.type == "meta":  # shapes only: the scheduler's step indexes real sigmas
-            self.scheduler._step_index = (self.scheduler._step_index or 0) + 1
-            return x
-        return self.scheduler.step(velocity, t, x, return_dict=False)[0]
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
