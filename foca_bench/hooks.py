@@ -104,11 +104,15 @@ class CacheEngine:
         trace: record the value of every hooked site at every step (on CPU; for one-sample runs); with a method
             that caches nothing, the `attn` and `mlp` sites are hooked to be traced.
         elide_feeders: skip the sites' feeders on forecast steps (see `Site.feeders`).
+        measure_cache: after every step, measure the bytes the method's cache holds (`cache_bytes_peak`, the
+            maximum over the engine's lifetime); off for latency runs.
     """
 
     def __init__(self, method: CacheMethod, sites: list[Site], trace: bool = False,
-                 elide_feeders: bool = True) -> None:
+                 elide_feeders: bool = True, measure_cache: bool = False) -> None:
         self.method = method
+        self.measure_cache = measure_cache
+        self.cache_bytes_peak = 0
         self.elide_feeders = elide_feeders
         # a method that caches nothing (`none`) still has its attention/MLP trajectories traced when asked
         roles = method.roles or (("attn", "mlp", "fused") if trace else ())
@@ -201,6 +205,8 @@ class CacheEngine:
         finally:
             full = self._plan.full if self._decided_full is None else self._decided_full
             self.full_steps += int(full)
+            if self.measure_cache:
+                self.cache_bytes_peak = max(self.cache_bytes_peak, self.method.cache_bytes())
             if self.trace is not None:
                 self.trace.times.append(float(t))
                 self.trace.full.append(full)

@@ -60,11 +60,11 @@ def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torc
 
     Returns:
         images (N, C, H, W) in [0, 1] on CPU (or latents on the meta device), and engine stats
-        (full steps per generation, and the trace when asked).
+        (full steps per generation, the method's peak cache bytes, and the trace when asked).
     """
     method = methods.build(cache)
     images, stats = [], {}
-    with CacheEngine(method, adapter.sites(), trace=trace) as engine:
+    with CacheEngine(method, adapter.sites(), trace=trace, measure_cache=True) as engine:
         batches = list(range(0, len(seeds), batch_size))
         for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
             noise = adapter.make_noise(seeds[start : start + batch_size])
@@ -73,6 +73,7 @@ def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torc
             images.append(latents if latents.device.type == "meta" else adapter.decode(latents))
         # the engine's counters restart every generation; diffusers' hooks (external methods) do not report theirs
         stats["full_steps_per_generation"] = None if method.external else engine.full_steps
+        stats["cache_bytes_peak"] = None if method.external else engine.cache_bytes_peak
         if trace:
             stats["trace"] = engine.trace_tensors()
     return torch.cat(images), stats
@@ -230,6 +231,8 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
                              "full_steps": stats["full_steps_per_generation"],
                              "steps": cfg.sampler.steps}
         record["timing"] = {"generation_s": generation_s}
+        record["memory"] = {"cache_bytes_peak": stats["cache_bytes_peak"], "batch_size": cfg.benchmark.batch_size,
+                            "note": "feature cache held by the method at its peak, per generation batch"}
         grid = path.with_suffix(".png")
         _save_grid(images, grid, nrow=cfg.benchmark.samples_per_class)
         record["sample_grid"] = str(grid)

@@ -173,6 +173,30 @@ class CacheMethod(ABC):
         from the site's input (e.g. TeaCache's modulated input of the first block)."""
         raise NotImplementedError(f"{type(self).__name__} is not adaptive")
 
+    def cache_bytes(self) -> int:
+        """Bytes of the tensors the method's state holds now (each storage counted once): its feature cache."""
+        seen: dict[object, int] = {}
+
+        def visit(obj: object) -> None:
+            if isinstance(obj, Tensor):
+                storage = obj.untyped_storage()
+                key = (obj.device, storage.data_ptr()) if storage.data_ptr() else id(storage)
+                seen[key] = storage.nbytes()
+            elif isinstance(obj, dict):
+                for value in obj.values():
+                    visit(value)
+            elif isinstance(obj, (list, tuple)):
+                for value in obj:
+                    visit(value)
+            elif hasattr(obj, "__dataclass_fields__") and not isinstance(obj, CacheConfig):
+                for name in obj.__dataclass_fields__:
+                    visit(getattr(obj, name))
+
+        for name, value in vars(self).items():
+            if name != "cfg":
+                visit(value)
+        return sum(seen.values())
+
     def wants_attention(self, step: Step) -> bool:
         """Token-wise methods: whether a full `step` should also record each block's attention map (for
         `Tokens.attention`); a full step that records it runs the model's explicit-softmax attention."""

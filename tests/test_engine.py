@@ -261,3 +261,18 @@ def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapte
     calls.clear()
     emb(torch.tensor([3, 3]), torch.tensor([1, 2]))  # a call outside generation computes
     assert calls == [2]
+
+
+@pytest.mark.parametrize("cache,tensors_per_site", [
+    (dict(name="fora", N=3), 1),          # the last full value
+    (dict(name="taylorseer", N=3, O=2), 3),  # factors of order 0..2
+    (dict(name="foca", N=3), 4),          # at most F_{i-1}, F_i, F_b, D_full
+    (dict(name="none"), 0),
+])
+def test_cache_bytes_peak_counts_the_tensors_each_method_keeps_per_site(adapter, cache, tensors_per_site):
+    """Tiny DiT, CFG batch 4, 64 tokens of width 32, float32: 32 KiB per cached tensor; 2 blocks x (attn, mlp)."""
+    method = methods.build({"warmup": 1, **cache})
+    with CacheEngine(method, adapter.sites(), measure_cache=True) as engine:
+        adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+    per_tensor, sites = 4 * 64 * 32 * 4, 2 * 2
+    assert engine.cache_bytes_peak == tensors_per_site * sites * per_tensor
