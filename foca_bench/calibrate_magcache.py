@@ -10,7 +10,6 @@ averaged over the samples. It prints the YAML for the model's `method_defaults.d
 (`MagCacheConfig(calibrate=True)`) gives the same numbers (tests/test_diffusers_hooks.py compares them).
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from torch import Tensor
 
 import methods
 from foca_bench.adapters import Adapter, build_adapter
-from foca_bench.config import compose, validate
+from foca_bench.config import compose, split_knobs, validate
 from foca_bench.hooks import CacheEngine, hidden_states
+from foca_bench.records import atomic_write_json
 
 
 def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds: list[int],
@@ -50,16 +50,7 @@ def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds:
 
 def main(argv: list[str]) -> dict:
     knobs = {"samples": 8}
-    overrides = []
-    for arg in argv:
-        key = arg.lstrip("+")
-        if key.startswith("calibrate."):
-            name, value = key[len("calibrate."):].split("=", 1)
-            if name not in knobs:
-                raise SystemExit(f"unknown knob calibrate.{name}; choose from {sorted(knobs)}")
-            knobs[name] = int(value)
-        else:
-            overrides.append(arg)
+    overrides = split_knobs(argv, "calibrate", knobs)
     cfg = compose(*overrides)
     validate(cfg)
     adapter = build_adapter(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
@@ -69,8 +60,7 @@ def main(argv: list[str]) -> dict:
     result = {"model": model, "overrides": overrides, "samples": knobs["samples"], "steps": cfg.sampler.steps,
               "mag_ratios": ratios}
     out = Path("results/calibration") / f"magcache_{model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(f"MagCache ratios for {model}: {cfg.sampler.steps} steps, mean of {knobs['samples']} samples (written to "
           f"{out}). For conf/model/{model}.yaml:\n")
     print("method_defaults:\n  diffusers_magcache:\n    mag_ratios: [" + ", ".join(f"{r:.4f}" for r in ratios) + "]")

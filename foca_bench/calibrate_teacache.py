@@ -10,7 +10,6 @@ fit's R^2. Any `run.py` override applies (`model.path=...`, `sampler.steps=...`)
 `results/calibration/teacache_<model>.json`.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import torch
 from torch import Tensor
 
 from foca_bench.adapters import build_adapter
-from foca_bench.config import compose, validate
+from foca_bench.config import compose, split_knobs, validate
 from foca_bench.hooks import CacheEngine
+from foca_bench.records import atomic_write_json
 from methods.base import SiteKey, Step
 from methods.teacache import TeaCache, TeaCacheConfig, _State, relative_l1
 
@@ -74,24 +74,14 @@ def measure(overrides: list[str], samples: int) -> tuple[np.ndarray, np.ndarray,
 
 def main(argv: list[str]) -> dict:
     knobs = {"samples": 8, "degree": 4}
-    overrides = []
-    for arg in argv:
-        key = arg.lstrip("+")
-        if key.startswith("calibrate."):
-            name, value = key[len("calibrate."):].split("=", 1)
-            if name not in knobs:
-                raise SystemExit(f"unknown knob calibrate.{name}; choose from {sorted(knobs)}")
-            knobs[name] = int(value)
-        else:
-            overrides.append(arg)
+    overrides = split_knobs(argv, "calibrate", knobs)
     x, y, model = measure(overrides, knobs["samples"])
     coefficients, r2 = fit_polynomial(x, y, knobs["degree"])
     result = {"model": model, "overrides": overrides, "samples": knobs["samples"], "points": len(x),
               "degree": knobs["degree"], "coefficients": coefficients, "r2": r2,
               "x_range": [float(x.min()), float(x.max())]}
     out = Path("results/calibration") / f"teacache_{model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out, result)
     print(f"TeaCache rescaling for {model}: {len(x)} steps from {knobs['samples']} samples, degree "
           f"{knobs['degree']}, R^2 = {r2:.3f} (written to {out}). For conf/model/{model}.yaml:\n")
     print("method_defaults:\n  teacache:\n    coefficients: [" + ", ".join(f"{c:.6g}" for c in coefficients) + "]")

@@ -163,6 +163,22 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
+def split_knobs(argv: list[str], prefix: str, knobs: dict[str, int]) -> list[str]:
+    """Command-line arguments `[+]<prefix>.<knob>=<int>` set `knobs` in place (an unknown knob exits with the valid
+    ones); returns the other arguments, the Hydra overrides (e.g. of `python -m foca_bench.calibrate_teacache`)."""
+    overrides = []
+    for arg in argv:
+        key = arg.lstrip("+")
+        if not key.startswith(f"{prefix}."):
+            overrides.append(arg)
+            continue
+        name, value = key[len(prefix) + 1:].split("=", 1)
+        if name not in knobs:
+            raise SystemExit(f"unknown knob {prefix}.{name}; choose from {sorted(knobs)}")
+        knobs[name] = int(value)
+    return overrides
+
+
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
     """How many of `steps` steps the method's schedule (`CacheMethod.is_full`) computes in full."""
     is_full = methods.get(cache.name)(cache).is_full

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from methods._numerics import token_index
 from methods.base import CacheMethod, Plan, SiteKey, Step, Tokens, resolve
 
 
@@ -77,6 +78,13 @@ class Site:
 def hidden_states(args: tuple, kwargs: dict) -> Tensor:
     """The hidden states a block was called with (first positional argument or `hidden_states=`)."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+def first_token(*args: Any, **kwargs: Any) -> Tensor:
+    """A feeder stand-in (`Site.feeders`): the (B, 1, D) first token of the hidden states the module was called
+    with, which broadcasts through a modulation and costs nothing (a LayerNorm or attention feeding only a
+    skipped site)."""
+    return hidden_states(args, kwargs)[:, :1]
 
 
 def with_hidden_states(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
@@ -254,7 +262,7 @@ class CacheEngine:
                         paired=self.batched_cfg)
 
         def compute_tokens(indices: Tensor) -> Tensor:
-            fresh = hidden.gather(1, indices.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, k, D)
+            fresh = hidden.gather(1, token_index(indices, hidden.shape))  # (B, k, D)
             a, kw = with_hidden_states(args, kwargs, fresh)
             return site.unpack(original(*a, **kw))
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from methods._numerics import token_index
 from methods.base import FORECAST, FULL, PARTIAL, CacheConfig, CacheMethod, Plan, SiteKey, Step, Tokens, resolve
 
 METHODS: dict[str, type[CacheMethod]] = {}
@@ -92,8 +93,7 @@ def replay(name: str, values: Tensor, times: Tensor, full: Tensor, *, role: str 
         if not method.tokenwise:
             return None
         tokens = Tokens(role, *layer, batch=v.shape[0], count=v.shape[1])
-        return tokens, lambda idx: v.gather(1, idx.view(*idx.shape, *([1] * (v.dim() - 2))).expand(
-            *idx.shape, *v.shape[2:]))
+        return tokens, lambda idx: v.gather(1, token_index(idx, v.shape))
 
     out = [
         resolve(method, key, Step(i, float(times[i]), T), bool(full[i]), lambda v=values[i]: v,

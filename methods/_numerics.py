@@ -89,3 +89,9 @@ def extrapolate(current: Tensor, previous: Tensor, k1: float, extra: Optional[Te
     if extra is not None and k2 != 0.0:
         out.add_(extra, alpha=k2)
     return out
+
+
+def token_index(indices: Tensor, shape: torch.Size) -> Tensor:
+    """(B, k) token indices expanded over the feature dims of a (B, tokens, ...) tensor of `shape`, for
+    `gather`/`scatter_` along dim 1 (token-wise methods' partial steps)."""
+    return indices.view(*indices.shape, *([1] * (len(shape) - 2))).expand(*indices.shape, *shape[2:])

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from methods import register
+from methods._numerics import token_index
 from methods.base import FULL, PARTIAL, CacheConfig, CacheMethod, Plan, SiteKey, Step, Tokens
 
 # ToCa's schedule constants (official code: fresh_ratio_scheduler.py, force_scheduler.py)
@@ -174,6 +175,5 @@ class ToCa(CacheMethod):
         c = self.cache[key]
         if not c.owned:
             c.value, c.owned = c.value.clone(), True
-        where = indices.view(*indices.shape, *([1] * (features.dim() - 2))).expand_as(features)
-        c.value.scatter_(1, where, features.to(c.value.dtype))
+        c.value.scatter_(1, token_index(indices, features.shape), features.to(c.value.dtype))
         return c.value

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from foca_bench import ASSETS_DIR
 from foca_bench.adapters import register_adapter
 from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.hooks import CacheEngine, Site, hidden_states
+from foca_bench.hooks import CacheEngine, Site, first_token, hidden_states
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
 
@@ -60,11 +60,6 @@ def _attention_received(attn: nn.Module):
         return out, probs.view(B, -1, *probs.shape[1:]).mean(1).sum(1)
 
     return probe
-
-
-def _first_token(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Stand-in for a skipped site's LayerNorm: a (B, 1, D) view that broadcasts through the modulation."""
-    return x[:, :1]
 
 
 @register_adapter("toy_dit", "dit_xl_2")
@@ -141,11 +136,11 @@ class DiTAdapter(Adapter):
             # long as the block has no positional embedding, cross-attention or GLIGEN fuser.
             dedicated = block.norm_type == "ada_norm_zero" and block.pos_embed is None and block.attn2 is None
             sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1, layer=(i, L),
-                              feeders=((block.norm1.norm, _first_token),) if dedicated else (),
+                              feeders=((block.norm1.norm, first_token),) if dedicated else (),
                               attention_probe=_attention_received(block.attn1)))
             sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True,
                               scored_by=f"blocks.{i}.attn",
-                              feeders=((block.norm3, _first_token),) if dedicated else ()))
+                              feeders=((block.norm3, first_token),) if dedicated else ()))
         # the residual stack of all blocks (TeaCache, ...): signal = the first block's modulated input
         blocks = list(self.transformer.transformer_blocks)
         # each block as a one-block residual site (Delta-DiT's front/back ranges)

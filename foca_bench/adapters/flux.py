@@ -22,14 +22,9 @@ from tqdm import tqdm
 
 from foca_bench.adapters import register_adapter
 from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.hooks import CacheEngine, Site
+from foca_bench.hooks import CacheEngine, Site, first_token
 
 VAE_SCALE = 8  # FLUX's autoencoder downsamples by 8, and latents are packed in 2x2 patches
-
-
-def _first_token(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Stand-in for a skipped site's LayerNorm: a (B, 1, D) view that broadcasts through the modulation."""
-    return x[:, :1]
 
 
 def _zeros_like_linear(linear: nn.Linear):
@@ -39,12 +34,6 @@ def _zeros_like_linear(linear: nn.Linear):
         return x.new_zeros(x.shape[0], 1, linear.out_features)
 
     return stand_in
-
-
-def _attention_stand_in(*args: Any, **kwargs: Any) -> Tensor:
-    """Stand-in for a single block's attention that feeds only its skipped fused output."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return hidden[:, :1]
 
 
 class _JointAttention:
@@ -124,16 +113,16 @@ class FluxAdapter(Adapter):
         for i, block in enumerate(double):
             joint = _JointAttention()
             sites.append(Site(f"blocks.{i}.attn", "attn", block.attn, unpack=joint.unpack, pack=joint.pack,
-                              layer=(i, L), feeders=((block.norm1.norm, _first_token),
-                                                     (block.norm1_context.norm, _first_token))))
+                              layer=(i, L), feeders=((block.norm1.norm, first_token),
+                                                     (block.norm1_context.norm, first_token))))
             sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True,
-                              feeders=((block.norm2, _first_token),)))
+                              feeders=((block.norm2, first_token),)))
             sites.append(Site(f"blocks.{i}.mlp_context", "mlp", block.ff_context, layer=(i, L), tokenwise=True,
-                              feeders=((block.norm2_context, _first_token),)))
+                              feeders=((block.norm2_context, first_token),)))
         for j, block in enumerate(single):
             i = len(double) + j
             sites.append(Site(f"single_blocks.{j}.fused", "fused", block.proj_out, layer=(i, L),
-                              feeders=((block.norm.norm, _first_token), (block.attn, _attention_stand_in),
+                              feeders=((block.norm.norm, first_token), (block.attn, first_token),
                                        (block.proj_mlp, _zeros_like_linear(block.proj_mlp)))))
         sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
         return sites
