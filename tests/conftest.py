@@ -5,7 +5,12 @@ import os
 import pytest
 import torch
 
-from foca_bench.config import compose
+import methods
+from foca_bench.adapters import build_adapter
+from foca_bench.config import compose, validate
+from foca_bench.hooks import CacheEngine
+from foca_bench.profiling import count_flops
+
 # A random-weight DiT with toy_dit's interface (16x16, 10 classes) at one block: seconds on a CPU.
 TINY = ("model.weights=random", "model.arch.num_layers=2", "model.arch.num_attention_heads=2",
         "model.arch.attention_head_dim=16")
@@ -20,3 +25,31 @@ def make_cfg(*overrides: str):
 @pytest.fixture
 def cfg_factory():
     return make_cfg
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    """A tiny random-weight diffusers DiT (TINY) on the CPU."""
+    cfg = make_cfg(*TINY)
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The shipped, trained toy_dit: smooth feature trajectories, unlike random weights."""
+    cfg = make_cfg()
+    validate(cfg)
+    return build_adapter(cfg.model, "cpu")
+
+
+def flops_of(adapter, cache: dict, steps: int, batch: int = 1) -> int:
+    """FLOPs of one generation of `batch` samples over `steps` steps under `cache` (guidance 1.5)."""
+    method = methods.build(cache)
+
+    def go():
+        with CacheEngine(method, adapter.sites()) as engine:
+            adapter.generate(engine, torch.zeros(batch, dtype=torch.long), adapter.make_noise(list(range(batch))),
+                             steps, 1.5)
+
+    return count_flops(go)

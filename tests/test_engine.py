@@ -13,15 +13,6 @@ from tests.conftest import TINY
 STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def adapter():
-    from tests.conftest import make_cfg
-
-    cfg = make_cfg(*TINY)
-    validate(cfg)
-    return build_adapter(cfg.model, "cpu")
-
-
 def generate(adapter, name, labels=(1, 7), seeds=(0, 1), trace=False, **cache):
     method = methods.build({"name": name, "warmup": 1, **cache})
     with CacheEngine(method, adapter.sites(), trace=trace) as engine:
@@ -66,16 +57,6 @@ def test_reuse_skips_the_whole_transformer(adapter):
     finally:
         hook.remove()
     assert len(calls) == engine.full_steps == 1 + 2  # steps 0, 1, 6
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """The shipped, trained toy_dit: smooth feature trajectories, unlike random weights."""
-    from tests.conftest import make_cfg
-
-    cfg = make_cfg()
-    validate(cfg)
-    return build_adapter(cfg.model, "cpu")
 
 
 @pytest.mark.parametrize("name", ["fora", "taylorseer", "foca", "reuse"])

@@ -1,15 +1,12 @@
 """FLOP counting: whole-generation counts vs. an analytic per-step model, and the paper's Table 3 on DiT-XL/2."""
 
 import pytest
-import torch
 
 import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import schedule_full_steps, validate
-from foca_bench.hooks import CacheEngine
-from foca_bench.profiling import count_flops
 from foca_bench.runner import run
-from tests.conftest import TINY, make_cfg
+from tests.conftest import TINY, flops_of, make_cfg
 
 # The paper's Table 3 (DiT-XL/2, 256x256, CFG, DDIM): reference data, in TFLOPs.
 def _paper_table3() -> dict:
@@ -30,17 +27,6 @@ def _paper_table3() -> dict:
 PAPER_TABLE3 = _paper_table3()
 assert PAPER_TABLE3 == {("none", 50): 23.74, ("foca2", 50): 12.35, ("foca3", 50): 8.56, ("foca5", 50): 5.24,
                         ("none", 25): 11.87, ("none", 20): 9.49, ("none", 12): 5.70}  # the issue's numbers
-
-
-def flops_of(adapter, cache: dict, steps: int, batch: int = 1) -> int:
-    method = methods.build(cache)
-
-    def go():
-        with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.zeros(batch, dtype=torch.long), adapter.make_noise(list(range(batch))),
-                             steps, 1.5)
-
-    return count_flops(go)
 
 
 def analytic_site_flops(arch: dict, batch: int) -> int:

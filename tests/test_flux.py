@@ -10,8 +10,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.adapters.base import MissingWeightsError
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from foca_bench.profiling import count_flops
-from tests.conftest import make_cfg
+from tests.conftest import flops_of, make_cfg
 
 TINY_FLUX = ("model=flux", "model.weights=random", "model.dtype=float32", "model.resolution=64", "model.text_tokens=8",
              "model.arch.num_layers=2", "model.arch.num_single_layers=2", "model.arch.num_attention_heads=2",
@@ -134,15 +133,8 @@ def flux_steps():
     cfg = make_cfg("model=flux", "profile=flops_only")
     validate(cfg)
     adapter = build_adapter(cfg.model, "cpu")
-
-    def flops(cache, steps):
-        def run():
-            with CacheEngine(methods.build(cache), adapter.sites()) as engine:
-                adapter.generate(engine, torch.tensor([0]), adapter.make_noise([0]), steps, 3.5)
-        return count_flops(run)
-
-    full = flops({"name": "none"}, 1)
-    skipped = flops({"name": "foca", "N": 99, "warmup": 0}, 2) - full
+    full = flops_of(adapter, {"name": "none"}, 1)
+    skipped = flops_of(adapter, {"name": "foca", "N": 99, "warmup": 0}, 2) - full
     return full, skipped
 
 

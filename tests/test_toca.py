@@ -9,11 +9,10 @@ import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from foca_bench.profiling import count_flops
 from methods.base import PARTIAL, SiteKey, Step, Tokens
 from methods.fora import FORA, FORAConfig
 from methods.toca import spatial_bonus, toca_force_steps
-from tests.conftest import TINY, make_cfg
+from tests.conftest import TINY, flops_of, make_cfg
 
 STEPS = 10
 
@@ -100,13 +99,6 @@ def test_attention_score_picks_the_most_attended_tokens():
 
 # -- on a tiny random diffusers DiT -------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def adapter():
-    cfg = make_cfg(*TINY)
-    validate(cfg)
-    return build_adapter(cfg.model, "cpu")
-
-
 def generate(adapter, method, labels=(1, 7), seeds=(0, 1), engine_class=CacheEngine, **engine_kwargs):
     method = methods.build({"warmup": 1, **method}) if isinstance(method, dict) else method
     with engine_class(method, adapter.sites(), **engine_kwargs) as engine:
@@ -186,14 +178,6 @@ def test_attention_probe_matches_sdpa_and_a_closed_form(adapter):
     assert "get_attention_scores" not in attn.__dict__  # restored
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """The shipped, trained toy_dit: smooth feature trajectories, unlike random weights."""
-    cfg = make_cfg()
-    validate(cfg)
-    return build_adapter(cfg.model, "cpu")
-
-
 def test_recomputed_tokens_bring_the_trained_toy_closer_to_full_compute(toy):
     """Same schedule (N=3 interval): FORA recomputes nothing between full steps, ToCa some MLP tokens, more of them
     with a higher fresh ratio; DuCa's aggressive steps put it between ToCa and FORA."""
@@ -220,16 +204,10 @@ def test_toca_flops_are_fora_plus_the_partial_mlp_tokens():
     meta = build_adapter(cfg.model, "meta")
     D, L, tokens_per_sample = 32, 2, 64
 
-    def flops(method):
-        def run():
-            with CacheEngine(methods.build({"warmup": 1, **method}), meta.sites()) as engine:
-                meta.generate(engine, torch.tensor([1]), meta.make_noise([0]), STEPS, 3.0)
-        return count_flops(run)
-
     k = int(0.25 * tokens_per_sample)
-    toca_flops = flops({"name": "toca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
-                        "force_schedule": "interval", "score": "random"})
-    fora_flops = flops({"name": "fora", "N": 3})
+    toca_flops = flops_of(meta, {"name": "toca", "N": 3, "warmup": 1, "fresh_ratio": 0.25, "ratio_schedule": "constant",
+                                 "force_schedule": "interval", "score": "random"}, STEPS)
+    fora_flops = flops_of(meta, {"name": "fora", "N": 3, "warmup": 1}, STEPS)
     partial_steps = STEPS - 4
     assert toca_flops - fora_flops == partial_steps * L * 2 * k * 16 * D * D
 
@@ -270,11 +248,5 @@ def test_attention_scores_cost_no_extra_flops():
     validate(cfg)
     meta = build_adapter(cfg.model, "meta")
 
-    def flops(score):
-        def run():
-            method = methods.build({"name": "toca", "N": 3, "warmup": 1, "force_schedule": "interval", "score": score})
-            with CacheEngine(method, meta.sites()) as engine:
-                meta.generate(engine, torch.tensor([1]), meta.make_noise([0]), STEPS, 3.0)
-        return count_flops(run)
-
-    assert flops("attention") == flops("random")
+    toca = {"name": "toca", "N": 3, "warmup": 1, "force_schedule": "interval"}
+    assert flops_of(meta, {**toca, "score": "attention"}, STEPS) == flops_of(meta, {**toca, "score": "random"}, STEPS)
