@@ -55,16 +55,18 @@ def get_adapter(model_cfg: DictConfig, device: str) -> Adapter:
 
 
 def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torch.Tensor, seeds: list[int],
-             batch_size: int, desc: Optional[str] = None, trace: bool = False) -> tuple[torch.Tensor, dict]:
-    """Generates images for (labels, seeds) in batches with a fresh engine state per batch.
+             batch_size: int, desc: Optional[str] = None, trace: bool = False,
+             measure_cache: bool = False) -> tuple[torch.Tensor, dict]:
+    """Generates images for (labels, seeds) in batches with a fresh engine state per batch; `measure_cache` records
+    the method's peak cache bytes (off in timed and FLOP-counted runs, which it would only slow).
 
     Returns:
         images (N, C, H, W) in [0, 1] on CPU (or latents on the meta device), and engine stats
-        (full steps per generation, the method's peak cache bytes, and the trace when asked).
+        (full steps per generation, the method's peak cache bytes when measured, and the trace when asked).
     """
     method = methods.build(cache)
     images, stats = [], {}
-    with CacheEngine(method, adapter.sites(), trace=trace, measure_cache=True) as engine:
+    with CacheEngine(method, adapter.sites(), trace=trace, measure_cache=measure_cache) as engine:
         batches = list(range(0, len(seeds), batch_size))
         for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
             noise = adapter.make_noise(seeds[start : start + batch_size])
@@ -73,7 +75,8 @@ def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torc
             images.append(latents if latents.device.type == "meta" else adapter.decode(latents))
         # the engine's counters restart every generation; diffusers' hooks (external methods) do not report theirs
         stats["full_steps_per_generation"] = None if method.external else engine.full_steps
-        stats["cache_bytes_peak"] = None if method.external else engine.cache_bytes_peak
+        if measure_cache:
+            stats["cache_bytes_peak"] = None if method.external else engine.cache_bytes_peak
         if trace:
             stats["trace"] = engine.trace_tensors()
     return torch.cat(images), stats
@@ -217,7 +220,7 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
         labels, seeds = benchmark.samples()
         t0 = time.perf_counter()
         images, stats = generate(adapter, cache, cfg, labels, seeds, cfg.benchmark.batch_size,
-                                 desc=f"<{bench_name}: {cache.name}> generating")
+                                 desc=f"<{bench_name}: {cache.name}> generating", measure_cache=True)
         generation_s = time.perf_counter() - t0
         ref_dir = results / "cache" / "reference"
         if is_baseline(cache, cfg):  # its own samples are the reference of the whole sweep
