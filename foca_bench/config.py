@@ -80,6 +80,46 @@ class BenchmarkConfig:
     seed: int = 0
 
 
+# benchmark keys that do not define a run (dropped from its identity): how work is split and batched for metrics;
+# keys ending in `_path` (where reference files and metric weights are on this machine) are dropped too
+LOCAL_BENCHMARK_KEYS = ("shard", "num_shards", "metric_batch_size")
+
+
+@dataclass
+class FileBenchmarkConfig(BenchmarkConfig):
+    """A benchmark whose samples are files on disk (`foca_bench.samples`).
+
+    Attributes:
+        limit: generate and score only the first `limit` samples of the list (smoke runs); null: all of them.
+        shard, num_shards: this job's share of the fixed batch grid; null takes the launcher's rank and world size
+            (torchrun's RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS), else one shard.
+        metric_batch_size: batch of the metric networks.
+    """
+
+    limit: Optional[int] = None
+    shard: Optional[int] = None
+    num_shards: Optional[int] = None
+    metric_batch_size: int = 32
+
+
+@dataclass
+class ImageNetFIDConfig(FileBenchmarkConfig):
+    """`benchmark=imagenet_fid`: `samples_per_class` x `model.num_classes` samples; sample i is class i % C.
+
+    Attributes:
+        reference_path: ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`: `arr_0` uint8 NHWC).
+        inception_path: torch-fidelity's Inception-v3 weights; null: torch-fidelity's own cache location.
+        isc_splits: Inception Score splits (ADM: 10).
+    """
+
+    name: str = "imagenet_fid"
+    samples_per_class: int = 50
+    batch_size: int = 25
+    reference_path: Optional[str] = None
+    inception_path: Optional[str] = None
+    isc_splits: int = 10
+
+
 @dataclass
 class ProfileConfig:
     """Attributes:
@@ -145,6 +185,7 @@ def register_schemas() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
+    cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
@@ -240,4 +281,9 @@ def validate(cfg: DictConfig) -> CacheConfig:
                          "logger=wandb with logger.mode=offline|online|disabled.")
     if cfg.benchmark.samples_per_class < 1 or cfg.benchmark.batch_size < 1:
         raise ValueError("benchmark.samples_per_class and benchmark.batch_size must be >= 1.")
+    if cfg.benchmark.get("limit") is not None and cfg.benchmark.limit < 1:
+        raise ValueError(f"benchmark.limit={cfg.benchmark.limit} must be >= 1 (or null: every sample).")
+    if cfg.benchmark.get("num_shards") is not None and not 0 <= (cfg.benchmark.shard or 0) < cfg.benchmark.num_shards:
+        raise ValueError(f"benchmark.shard={cfg.benchmark.shard} must lie in [0, benchmark.num_shards="
+                         f"{cfg.benchmark.num_shards}).")
     return cache

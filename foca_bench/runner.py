@@ -10,9 +10,11 @@ is compared with the very same baseline images.
 import copy
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,10 +24,11 @@ import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.adapters.base import Adapter
 from foca_bench.benchmarks import build_benchmark
-from foca_bench.config import validate
+from foca_bench.config import LOCAL_BENCHMARK_KEYS, validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
 from foca_bench.records import atomic_write, atomic_write_json, claim, environment, record_path, run_id
+from foca_bench.samples import SampleStore, batches, shard_from_env
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
 
@@ -54,31 +57,42 @@ def get_adapter(model_cfg: DictConfig, device: str) -> Adapter:
     return _ADAPTERS[key]
 
 
-def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torch.Tensor, seeds: list[int],
-             batch_size: int, desc: Optional[str] = None, trace: bool = False,
-             measure_cache: bool = False) -> tuple[torch.Tensor, dict]:
-    """Generates images for (labels, seeds) in batches with a fresh engine state per batch; `measure_cache` records
-    the method's peak cache bytes (off in timed and FLOP-counted runs, which it would only slow).
+def generate_batches(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torch.Tensor, seeds: list[int],
+                     grid: list[range], stats: dict, desc: Optional[str] = None, trace: bool = False,
+                     measure_cache: bool = False) -> Iterator[tuple[range, torch.Tensor]]:
+    """Generates the batches `grid` (ranges of sample positions in `labels`/`seeds`) with a fresh engine state per
+    batch, yielding (batch, images (B, C, H, W) in [0, 1] on CPU, or latents on the meta device).
 
-    Returns:
-        images (N, C, H, W) in [0, 1] on CPU (or latents on the meta device), and engine stats
-        (full steps per generation, the method's peak cache bytes when measured, and the trace when asked).
+    When the generator is exhausted, `stats` holds the engine's full steps per generation, the method's peak cache
+    bytes when `measure_cache` (off in timed and FLOP-counted runs, which it would only slow) and the trace.
     """
     method = methods.build(cache)
-    images, stats = [], {}
     with CacheEngine(method, adapter.sites(), trace=trace, measure_cache=measure_cache) as engine:
-        batches = list(range(0, len(seeds), batch_size))
-        for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
-            noise = adapter.make_noise(seeds[start : start + batch_size])
-            latents = adapter.generate(engine, labels[start : start + batch_size], noise, cfg.sampler.steps,
+        for batch in tqdm(grid, desc=desc, disable=desc is None, unit="batch"):
+            noise = adapter.make_noise([seeds[i] for i in batch])
+            latents = adapter.generate(engine, labels[batch.start : batch.stop], noise, cfg.sampler.steps,
                                        cfg.sampler.guidance_scale, cfg.sampler.guided_channels)
-            images.append(latents if latents.device.type == "meta" else adapter.decode(latents))
+            yield batch, (latents if latents.device.type == "meta" else adapter.decode(latents))
         # the engine's counters restart every generation; diffusers' hooks (external methods) do not report theirs
         stats["full_steps_per_generation"] = None if method.external else engine.full_steps
         if measure_cache:
             stats["cache_bytes_peak"] = None if method.external else engine.cache_bytes_peak
         if trace:
             stats["trace"] = engine.trace_tensors()
+
+
+def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torch.Tensor, seeds: list[int],
+             batch_size: int, desc: Optional[str] = None, trace: bool = False,
+             measure_cache: bool = False) -> tuple[torch.Tensor, dict]:
+    """Generates images for (labels, seeds) in batches of `batch_size` (see `generate_batches`).
+
+    Returns:
+        images (N, C, H, W) in [0, 1] on CPU (or latents on the meta device), and engine stats.
+    """
+    stats: dict = {}
+    grid = [range(s, min(s + batch_size, len(seeds))) for s in range(0, len(seeds), batch_size)]
+    images = [x for _, x in generate_batches(adapter, cache, cfg, labels, seeds, grid, stats, desc, trace,
+                                             measure_cache)]
     return torch.cat(images), stats
 
 
@@ -166,13 +180,17 @@ def reference_samples(adapter: Adapter, cfg: DictConfig, labels: torch.Tensor, s
 
 
 def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
-    """The resolved config that defines a run; schedule fields are dropped for schedule-free methods."""
+    """The resolved config that defines a run; schedule fields are dropped for schedule-free methods, and the
+    benchmark's machine-local keys (file locations `*_path`, the shard split, metric batch sizes)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if methods.get(cache.name).schedule_free:
         for k in ("N", "warmup", "time"):
             config["cache"].pop(k, None)
     if not cfg.profile.benchmark:
         config.pop("benchmark", None)
+    for key in list(config.get("benchmark", {})):  # where files are and how work is split change no sample
+        if key in LOCAL_BENCHMARK_KEYS or key.endswith("_path"):
+            config["benchmark"].pop(key)
     return config
 
 
@@ -193,27 +211,26 @@ def run(cfg: DictConfig) -> dict:
     if path.is_file() and not cfg.force:
         log.info(f"Record exists, skipping (force=true reruns): {path}")
         return json.loads(path.read_text())
+    # a missing reference file or metric weight stops the run here, before any model loads or sample is generated
+    benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None
+    if getattr(benchmark, "on_disk", False):
+        return _run_on_disk(cfg, cache, config, rid, path, benchmark, started)
     with claim(path) as holder:  # concurrent jobs of the same cell: one computes, the others skip
         if holder is not None:
             log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is computing {path}")
             return {"run_id": rid, "skipped": "another job is computing this record", "holder": holder}
         if path.is_file() and not cfg.force:  # it finished between our check and our claim
             return json.loads(path.read_text())
-        return _compute(cfg, cache, config, rid, path, bench_name, started)
+        return _compute(cfg, cache, config, rid, path, bench_name, benchmark, started)
 
 
 def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: Path, bench_name: str,
-             started: float) -> dict:
+             benchmark: Any, started: float) -> dict:
     results = Path(cfg.results_dir)
     device = resolve_device(cfg.device)
     malloc = tune_cpu_allocator() if device == "cpu" and cfg.profile.tune_malloc else None
-    benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None  # fails early
     adapter = get_adapter(cfg.model, device)
-    record: dict[str, Any] = {
-        "run_id": rid, "benchmark": bench_name, "model": cfg.model.name, "method": cache.name,
-        "config": config, "environment": environment(), "world_size": 1, "device": device,
-        "sampler_provenance": adapter.provenance(), "malloc": malloc,
-    }
+    record = _base_record(cfg, cache, config, rid, bench_name, device, adapter, malloc)
     record["profile"] = profile(adapter, cache, cfg, device)
 
     if benchmark is not None:
@@ -243,8 +260,15 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
         record["timing"] = {}
         record["samples"] = {"steps": cfg.sampler.steps}
 
+    _finish(cfg, adapter, cache, record, path, rid, started)
+    return record
+
+
+def _finish(cfg: DictConfig, adapter: Adapter, cache: CacheConfig, record: dict, path: Path, rid: str,
+            started: float) -> None:
+    """Trace (when asked), total time, the atomic record write, its summary line and experiment tracking."""
     if cfg.trace:
-        record["trace"] = str(save_trace(adapter, cache, cfg, results, rid))
+        record["trace"] = str(save_trace(adapter, cache, cfg, Path(cfg.results_dir), rid))
     record["timing"]["total_s"] = time.perf_counter() - started
     atomic_write_json(path, record)
     log.info(f"Wrote record {path}")
@@ -253,6 +277,108 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
         log_run(cfg, record, path)
     except Exception as err:  # tracking mirrors the record, which is already safe on disk: never fail the run
         log.warning(f"Experiment tracking failed ({type(err).__name__}: {err}); the record is at {path}")
+
+
+def _base_record(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, bench_name: str, device: str,
+                 adapter: Adapter, malloc: Optional[dict]) -> dict:
+    return {"run_id": rid, "benchmark": bench_name, "model": cfg.model.name, "method": cache.name, "config": config,
+            "environment": environment(), "world_size": 1, "device": device,
+            "sampler_provenance": adapter.provenance(), "malloc": malloc}
+
+
+def sample_folder(cfg: DictConfig, benchmark: Any, cache: CacheConfig, rid: str) -> Path:
+    """`results/samples/<benchmark>/<model>/<method>/<run_id>/`: one file per sample, `samples.npz`, `DONE`."""
+    return Path(cfg.results_dir) / "samples" / benchmark.name / cfg.model.name / cache.name / rid
+
+
+def _run_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: Path, benchmark: Any,
+                 started: float) -> dict:
+    """An on-disk benchmark: this shard generates its batches (skipping those already on disk), then whichever
+    process finds every sample present packs the folder, profiles, scores and writes the one record."""
+    shard, num_shards = resolve_shard(cfg.benchmark)
+    store = benchmark.store(sample_folder(cfg, benchmark, cache, rid))
+    device = resolve_device(cfg.device)
+    if not store.complete():
+        with claim(store.root / f"shard-{shard}-of-{num_shards}.json") as holder:
+            if holder is not None:
+                log.warning(f"Skipping shard {shard}/{num_shards}: another job (host {holder['host']}, pid "
+                            f"{holder['pid']}) is generating it")
+                return {"run_id": rid, "skipped": "another job is generating this shard", "holder": holder}
+            _generate_shard(cfg, cache, benchmark, store, shard, num_shards, device)
+    with claim(path) as holder:  # the merge: one process packs and scores
+        if holder is not None:
+            log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is scoring {path}")
+            return {"run_id": rid, "skipped": "another job is scoring this record", "holder": holder}
+        if path.is_file() and not cfg.force:
+            return json.loads(path.read_text())
+        if not store.complete():
+            missing = store.missing()
+            if missing:
+                log.info(f"Shard {shard}/{num_shards} of <{benchmark.name}> is done; {len(missing)} samples of other "
+                         "shards are still missing. The job that completes the set packs and scores it.")
+                return {"run_id": rid, "shard": shard, "num_shards": num_shards, "pending": len(missing)}
+            log.info(f"Packing {len(store.samples)} samples into {store.npz}")
+            store.pack()
+        return _score_on_disk(cfg, cache, config, rid, path, benchmark, store, device, started)
+
+
+def resolve_shard(bench_cfg: DictConfig) -> tuple[int, int]:
+    """`benchmark.shard`/`benchmark.num_shards` when set, else the launcher's rank and world size."""
+    if bench_cfg.get("num_shards") is not None:
+        return int(bench_cfg.shard or 0), int(bench_cfg.num_shards)
+    return shard_from_env()
+
+
+def _generate_shard(cfg: DictConfig, cache: CacheConfig, benchmark: Any, store: SampleStore, shard: int,
+                    num_shards: int, device: str) -> None:
+    """Generates this shard's batches whose files are missing or unreadable; writes only those files."""
+    t0 = time.perf_counter()
+    grid = batches(len(store.samples), cfg.benchmark.batch_size, shard, num_shards)
+    todo = {b.start: store.todo(b) for b in tqdm(grid, desc=f"<{benchmark.name}> checking files on disk",
+                                                  unit="batch", disable=len(grid) < 50)}
+    pending = [b for b in grid if todo[b.start]]
+    reused = sum(len(b) - len(todo[b.start]) for b in grid)
+    log.info(f"Shard {shard}/{num_shards}: {len(grid)} batches, {len(pending)} to generate, {reused} samples on disk")
+    info: dict[str, Any] = {"shard": shard, "num_shards": num_shards, "batches": len(grid), "generated": 0,
+                            "reused": reused, "host": socket.gethostname(), "pid": os.getpid()}
+    if pending:
+        if device == "cpu" and cfg.profile.tune_malloc:
+            tune_cpu_allocator()
+        adapter = get_adapter(cfg.model, device)
+        labels, seeds = benchmark.conditions(store.samples, adapter)
+        stats: dict = {}
+        for batch, images in generate_batches(adapter, cache, cfg, labels, seeds, pending, stats,
+                                              desc=f"<{benchmark.name}: {cache.name}> shard {shard}/{num_shards}",
+                                              measure_cache=True):
+            info["generated"] += store.write(list(batch), benchmark.to_files(images), only=set(todo[batch.start]))
+        info.update(full_steps=stats["full_steps_per_generation"], cache_bytes_peak=stats["cache_bytes_peak"])
+    info["generation_s"] = time.perf_counter() - t0
+    store.write_progress(shard, num_shards, info)
+
+
+def _score_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: Path, benchmark: Any,
+                   store: SampleStore, device: str, started: float) -> dict:
+    malloc = tune_cpu_allocator() if device == "cpu" and cfg.profile.tune_malloc else None
+    adapter = get_adapter(cfg.model, device)
+    benchmark.conditions(store.samples, adapter)  # a text model's prompts, for the profiled runs
+    record = _base_record(cfg, cache, config, rid, benchmark.name, device, adapter, malloc)
+    shards = store.progress()
+    record["world_size"] = max([p["num_shards"] for p in shards], default=1)
+    record["profile"] = profile(adapter, cache, cfg, device)
+    t0 = time.perf_counter()
+    log.info(f"Evaluating <{benchmark.name}> on {len(store.samples)} samples from {store.root}")
+    record["metrics"] = benchmark.evaluate(store, device)
+    seeds = [s.seed for s in store.samples]
+    record["samples"] = {"count": len(store.samples), "seeds": [seeds[0], seeds[-1]], "seed_rule": "seed + index",
+                         "folder": str(store.root), "npz": str(store.npz), "steps": cfg.sampler.steps,
+                         "full_steps": next((p.get("full_steps") for p in shards if p.get("full_steps")), None),
+                         "shards": shards}
+    record["timing"] = {"generation_s": sum(p["generation_s"] for p in shards), "evaluation_s":
+                        time.perf_counter() - t0}
+    peaks = [p["cache_bytes_peak"] for p in shards if p.get("cache_bytes_peak") is not None]
+    record["memory"] = {"cache_bytes_peak": max(peaks, default=None), "batch_size": cfg.benchmark.batch_size,
+                        "note": "feature cache held by the method at its peak, per generation batch"}
+    _finish(cfg, adapter, cache, record, path, rid, started)
     return record
 
 

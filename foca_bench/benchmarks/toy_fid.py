@@ -1,34 +1,19 @@
-"""Benchmarks: which samples to generate (classes and per-sample seeds) and how to score them.
+"""`benchmark=toy_fid`: FID/IS/accuracy of generated digits with the shipped digit classifier (toy numbers).
 
 A sample's index is its position in the benchmark's fixed list and its seed is `benchmark.seed + index`, so the
 same samples come out whatever the batch size or the number of processes.
 """
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from evaluation.digit_metrics import digit_metrics
 from evaluation.fidelity import fidelity
+from foca_bench.benchmarks import register_benchmark
 from foca_bench.digit_classifier import load_classifier
 from foca_bench.toy_data import load_digits_images
-
-BENCHMARKS: dict[str, type] = {}
-
-
-def register_benchmark(name: str) -> Callable[[type], type]:
-    def decorate(cls: type) -> type:
-        BENCHMARKS[name] = cls
-        return cls
-
-    return decorate
-
-
-def build_benchmark(cfg: Any, model_cfg: Any):
-    if cfg.name not in BENCHMARKS:
-        raise KeyError(f"Unknown benchmark {cfg.name!r}; registered: {', '.join(sorted(BENCHMARKS))}.")
-    return BENCHMARKS[cfg.name](cfg, model_cfg)
 
 
 @register_benchmark("toy_fid")

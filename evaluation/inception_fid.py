@@ -1,0 +1,77 @@
+"""FID and Inception Score with torch-fidelity's Inception-v3 (a port of the TF graph ADM's evaluator uses).
+
+FID-50k follows DiT/ADM (arXiv:2212.09748, arXiv:2105.05233): the generated set against the images (`arr_0`) of
+ADM's reference batch, e.g. `VIRTUAL_imagenet256_labeled.npz`. torch-fidelity computes both sides' pool3
+statistics with the same network, so the ADM file's TF-computed `mu`/`sigma` are not needed (its port matches TF to
+the digits FID reports). IS uses the logits of the same network over 10 splits, as ADM does.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from evaluation import metric
+
+log = logging.getLogger("foca_bench")
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def default_inception_path() -> Path:
+    """Where torch-fidelity itself would cache its Inception weights: `<torch hub dir>/checkpoints/`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+class Uint8Images(Dataset):
+    """(N, H, W, C) uint8 arrays as torch-fidelity inputs: (3, H, W) uint8 tensors, grey images repeated."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def load_reference_batch(path: Path) -> np.ndarray:
+    """`arr_0` of an ADM-style reference batch: (N, H, W, 3) uint8."""
+    with np.load(path) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"{path} has no `arr_0` (its arrays: {f.files}); expected an ADM reference batch such as "
+                             "VIRTUAL_imagenet256_labeled.npz.")
+        images = f["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected (N, H, W, C) uint8.")
+    return images
+
+
+@torch.no_grad()
+def fid_is(samples: np.ndarray, reference: np.ndarray, inception_path: Path, device: str = "cpu",
+           batch_size: int = 64, isc_splits: int = 10, verbose: bool = True) -> dict:
+    """Args:
+        samples, reference: (N, H, W, C) uint8.
+        inception_path: torch-fidelity's Inception weights (its own `.pth` format).
+
+    Returns:
+        fid (lower is better) and is (higher); `is_std` across splits.
+    """
+    import torch_fidelity
+
+    splits = max(1, min(isc_splits, len(samples)))
+    out = torch_fidelity.calculate_metrics(
+        input1=Uint8Images(samples), input2=Uint8Images(reference), fid=True, isc=True, isc_splits=splits,
+        feature_extractor_weights_path=str(inception_path), cuda=device.startswith("cuda"), batch_size=batch_size,
+        cache=False, verbose=verbose, save_cpu_ram=True)
+    return {
+        "fid": metric(out["frechet_inception_distance"], higher_is_better=False),
+        "is": metric(out["inception_score_mean"], higher_is_better=True),
+        "is_std": metric(out["inception_score_std"], higher_is_better=False),
+    }
+

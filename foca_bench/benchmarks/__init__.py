@@ -1,0 +1,88 @@
+"""Benchmarks: which samples to generate (classes or prompts, and per-sample seeds) and how to score them.
+
+Two kinds:
+- in-memory (`toy_fid`): a few hundred small samples, generated and scored in one process;
+- on disk (`imagenet_fid`, `drawbench`, `vbench`, `div8k`): a `FileBenchmark` lists its samples, checks every
+  reference file and metric weight before generation starts (`preflight`), and scores the packed sample folder
+  that sharded generation (`foca_bench.samples`) wrote.
+"""
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from foca_bench.samples import Sample, SampleStore
+
+BENCHMARKS: dict[str, type] = {}
+
+
+def register_benchmark(name: str) -> Callable[[type], type]:
+    def decorate(cls: type) -> type:
+        cls.name = name
+        BENCHMARKS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_benchmark(cfg: Any, model_cfg: Any):
+    if cfg.name not in BENCHMARKS:
+        raise KeyError(f"Unknown benchmark {cfg.name!r}; registered: {', '.join(sorted(BENCHMARKS))}.")
+    return BENCHMARKS[cfg.name](cfg, model_cfg)
+
+
+class MissingFileError(FileNotFoundError):
+    """A reference file or metric weight is not on this machine; the message says which and where to put it."""
+
+
+def require_file(path: Optional[str], what: str, key: str, how: str) -> Path:
+    """`path` as a Path if it is a file, else a MissingFileError naming `what`, the config key and how to get it."""
+    if path and Path(path).expanduser().is_file():
+        return Path(path).expanduser()
+    where = f"{path} does not exist" if path else f"benchmark.{key} is not set"
+    raise MissingFileError(f"{what}: {where}. {how} Then set benchmark.{key}=/path/to/it (nothing was generated).")
+
+
+class FileBenchmark:
+    """A benchmark whose samples are files on disk, generated in shards and scored from the packed folder.
+
+    Subclasses set `suffix` and implement `samples`, `preflight` and `evaluate`; text benchmarks give prompts,
+    class-conditional ones labels.
+    """
+
+    name: str = ""
+    suffix: str = ".png"
+    on_disk = True
+
+    def __init__(self, cfg: Any, model_cfg: Any) -> None:
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.preflight()
+
+    def preflight(self) -> None:
+        """Raises MissingFileError before any generation if a reference file or metric weight is missing."""
+
+    def all_samples(self) -> list[Sample]:
+        """The benchmark's full ordered list."""
+        raise NotImplementedError
+
+    def samples(self) -> list[Sample]:
+        """The list, cut to `benchmark.limit` samples when set (smoke runs)."""
+        items = self.all_samples()
+        return items[: self.cfg.limit] if self.cfg.limit else items
+
+    def store(self, root: Path, shape: Optional[tuple[int, ...]] = None) -> SampleStore:
+        return SampleStore(root, self.samples(), suffix=self.suffix, shape=shape)
+
+    def to_files(self, images: Any) -> np.ndarray:
+        """Generated images (B, C, H, W) in [0, 1] -> what `SampleStore.write` takes (uint8 NHWC)."""
+        from foca_bench.samples import to_uint8
+
+        return to_uint8(images)
+
+    def evaluate(self, store: SampleStore, device: str) -> dict:
+        raise NotImplementedError
+
+
+from foca_bench.benchmarks import toy_fid  # noqa: E402,F401  (registers on import)
+from foca_bench.benchmarks import imagenet_fid  # noqa: E402,F401

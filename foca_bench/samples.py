@@ -1,0 +1,208 @@
+"""Sharded sample generation on disk, in the shape of DiT's `sample_ddp.py` (arXiv:2212.09748), with resume.
+
+A benchmark is a fixed, ordered list of samples. Sample `i` has seed `benchmark.seed + i` and one lossless file
+named by its zero-padded global index (`000042.png`; a benchmark may name files its evaluator expects, such as
+VBench's `<prompt>-<k>.mp4`). Generation batches lie on a fixed grid of global indices (batch `b` is samples
+`[b * B, (b + 1) * B)`), and shard `s` of `k` takes the batches `b` with `b % k == s`. So:
+
+- the same samples come out on 1 or 8 GPUs (same seeds, same batch compositions);
+- a rerun skips every batch whose files are all on disk and readable; a missing, truncated or corrupt file
+  (PNG CRCs, a decode that fails, a wrong size) makes its batch generate again, and only the bad files are
+  rewritten;
+- every file is written to a temporary name and renamed into place, so a killed job leaves no half file under
+  a sample's name;
+- whichever process finds the set complete packs `samples.npz` (`arr_0`, uint8 NHWC, as ADM's evaluator reads)
+  and only then writes the `DONE` marker: all shards meet at that file-system barrier.
+"""
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from foca_bench.records import atomic_write, atomic_write_json
+
+log = logging.getLogger("foca_bench")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One entry of a benchmark's fixed list.
+
+    Attributes:
+        index: position in the list (the global sample index).
+        seed: `benchmark.seed + index`.
+        label: class label of a class-conditional benchmark, else -1.
+        prompt: text prompt of a text-conditioned benchmark, else None.
+        name: file stem of the sample (default: the zero-padded index).
+        condition: path of a conditioning input (DIV8K's ground-truth image), else None.
+    """
+
+    index: int
+    seed: int
+    label: int = -1
+    prompt: Optional[str] = None
+    name: str = ""
+    condition: Optional[str] = None
+
+    @property
+    def stem(self) -> str:
+        return self.name or f"{self.index:06d}"
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(rank, world size) of a launcher that sets them: torchrun (RANK/WORLD_SIZE), SLURM tasks
+    (SLURM_PROCID/SLURM_NTASKS), else (0, 1)."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world])
+    return 0, 1
+
+
+def batches(n: int, batch_size: int, shard: int = 0, num_shards: int = 1) -> list[range]:
+    """The fixed batch grid over `n` samples, the batches of one shard."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"benchmark.shard={shard} must lie in [0, benchmark.num_shards={num_shards}).")
+    grid = [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    return grid[shard::num_shards]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, C, H, W) in [0, 1] -> (B, H, W, C) uint8, rounding as torchvision's `save_image` does."""
+    return images.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """One (H, W, C) uint8 image, atomically."""
+    mode = "L" if image.shape[-1] == 1 else "RGB"
+    pil = Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode)
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def read_png(path: Path) -> np.ndarray:
+    """(H, W, C) uint8; raises on a truncated or corrupt file (PIL checks PNG CRCs while decoding)."""
+    with Image.open(path) as im:
+        im.load()
+        array = np.asarray(im)
+    return array[..., None] if array.ndim == 2 else array
+
+
+class SampleStore:
+    """The sample folder of one run: `results/samples/<benchmark>/<model>/<method>/<run_id>/`.
+
+    Args:
+        root: the folder.
+        samples: the benchmark's full, ordered sample list.
+        suffix: file suffix (`.png`; video benchmarks write their own files through `writer`/`reader`).
+        shape: expected (H, W, C) of every image file, checked on read; None skips the check.
+        writer, reader: how one sample is written and read back (default: PNG).
+    """
+
+    def __init__(self, root: Path, samples: Sequence[Sample], suffix: str = ".png",
+                 shape: Optional[tuple[int, ...]] = None,
+                 writer: Callable[[Path, np.ndarray], None] = write_png,
+                 reader: Callable[[Path], np.ndarray] = read_png) -> None:
+        self.root = Path(root)
+        self.samples = list(samples)
+        self.suffix, self.shape, self.writer, self.reader = suffix, shape, writer, reader
+
+    def path(self, sample: Sample) -> Path:
+        return self.root / f"{sample.stem}{self.suffix}"
+
+    @property
+    def npz(self) -> Path:
+        return self.root / "samples.npz"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "DONE"
+
+    def read(self, sample: Sample) -> np.ndarray:
+        array = self.reader(self.path(sample))
+        if self.shape is not None and tuple(array.shape) != tuple(self.shape):
+            raise ValueError(f"{self.path(sample)} has shape {tuple(array.shape)}, expected {tuple(self.shape)}")
+        return array
+
+    def valid(self, sample: Sample) -> bool:
+        """Whether the sample's file exists and reads back whole, at the expected shape."""
+        path = self.path(sample)
+        if not path.is_file():
+            return False
+        try:
+            self.read(sample)
+        except Exception as err:  # truncated, corrupt, wrong size: regenerate rather than use it
+            log.warning(f"Sample file {path} is unreadable ({type(err).__name__}: {err}); it will be regenerated")
+            return False
+        return True
+
+    def todo(self, batch: range) -> list[int]:
+        """Indices of `batch` whose files are missing or unreadable."""
+        return [i for i in batch if not self.valid(self.samples[i])]
+
+    def write(self, indices: Sequence[int], images: np.ndarray, only: Optional[set[int]] = None) -> int:
+        """Writes `images[j]` as sample `indices[j]` (only those in `only` when given); returns how many."""
+        written = 0
+        for j, i in enumerate(indices):
+            if only is None or i in only:
+                self.writer(self.path(self.samples[i]), images[j])
+                written += 1
+        return written
+
+    def missing(self) -> list[int]:
+        """Every index without a readable file (reads every file: a full integrity check)."""
+        return [s.index for s in self.samples if not self.valid(s)]
+
+    def complete(self) -> bool:
+        return self.done.is_file() and self.npz.is_file()
+
+    def pack(self) -> Path:
+        """Packs every sample into `samples.npz` (`arr_0`: (N, H, W, C) uint8 in index order; `labels` when the
+        benchmark has classes), then writes `DONE` with a manifest. Raises if any sample is missing."""
+        missing = self.missing()
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(self.samples)} samples are missing or unreadable in "
+                               f"{self.root} (first: {missing[:5]}); rerun the job (every shard) to generate them.")
+        arrays = np.stack([self.read(s) for s in self.samples])
+        extra = {"labels": np.array([s.label for s in self.samples])} if self.samples[0].label >= 0 else {}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=arrays, **extra)
+
+        atomic_write(self.npz, write)
+        atomic_write_json(self.done, {"count": len(self.samples), "shape": list(arrays.shape[1:]),
+                                      "packed_by": {"host": socket.gethostname(), "pid": os.getpid()},
+                                      "time": time.time(), "files": [self.path(s).name for s in self.samples]})
+        return self.npz
+
+    def iter_arrays(self, batch_size: int) -> Iterator[tuple[list[Sample], np.ndarray]]:
+        """The samples in index order, `batch_size` at a time, read from their files."""
+        for start in range(0, len(self.samples), batch_size):
+            chunk = self.samples[start : start + batch_size]
+            yield chunk, np.stack([self.read(s) for s in chunk])
+
+    def write_progress(self, shard: int, num_shards: int, info: dict) -> None:
+        """A shard's account of its work (`shard-<s>-of-<k>.json`), merged into the record."""
+        atomic_write_json(self.root / f"shard-{shard}-of-{num_shards}.json", info)
+
+    def progress(self) -> list[dict]:
+        out = []
+        for path in sorted(self.root.glob("shard-*-of-*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return out
+
+
+def manifest_rows(samples: Sequence[Sample]) -> list[dict]:
+    return [asdict(s) for s in samples]
