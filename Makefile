@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install demo test test-slow toy-model tables flops-dit flops-flux bench clean-results
+.PHONY: install env-imagereward demo test test-slow toy-model tables flops-dit flops-flux bench clean-results
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,21 @@ $(VENV)/.installed: pyproject.toml
 	# Plain PyPI torch: the CUDA build, which also runs on CPU-only machines.
 	$(VENV)/bin/pip install --quiet torch torchvision
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+# ImageReward's own environment (benchmark=drawbench): image-reward pins timm==0.6.13 and needs transformers<4.40,
+# which conflict with open-clip-torch and diffusers' FLUX pipeline in .venv. An overlay venv: its own site-packages
+# (image-reward and its pins) come first, then .venv's (torch, torchvision, numpy, PIL: not installed twice).
+IR_ENV := .envs/imagereward
+env-imagereward: $(IR_ENV)/.installed
+
+$(IR_ENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(IR_ENV)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))')" \
+		> $$($(IR_ENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_foca_main_venv.pth
+	$(IR_ENV)/bin/pip install --quiet "image-reward==1.5" "timm==0.6.13" "fairscale==0.4.13" \
+		"transformers>=4.27.4,<4.40" "huggingface_hub<0.26" openai-clip "setuptools<70"
+	$(IR_ENV)/bin/python -c "import ImageReward"
 	touch $@
 
 # The default job: full compute, FoCa (both slope readings and the BDF2-only ablation), TaylorSeer, FORA and

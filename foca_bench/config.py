@@ -82,7 +82,7 @@ class BenchmarkConfig:
 
 # benchmark keys that do not define a run (dropped from its identity): how work is split and batched for metrics;
 # keys ending in `_path` (where reference files and metric weights are on this machine) are dropped too
-LOCAL_BENCHMARK_KEYS = ("shard", "num_shards", "metric_batch_size")
+LOCAL_BENCHMARK_KEYS = ("shard", "num_shards", "metric_batch_size", "image_reward_env")
 
 
 @dataclass
@@ -118,6 +118,33 @@ class ImageNetFIDConfig(FileBenchmarkConfig):
     reference_path: Optional[str] = None
     inception_path: Optional[str] = None
     isc_splits: int = 10
+
+
+@dataclass
+class DrawBenchConfig(FileBenchmarkConfig):
+    """`benchmark=drawbench`: DrawBench's 200 prompts (Saharia et al., arXiv:2205.11487), ImageReward and CLIP score.
+
+    Attributes:
+        prompts_path: the DrawBench CSV (columns `Prompts`, `Category`); see datasets/drawbench.md.
+        images_per_prompt: samples per prompt (sample i is prompt i // images_per_prompt).
+        metrics: which of `image_reward`, `clip_score` to compute.
+        clip_model: open_clip architecture name; clip_path: its local checkpoint; clip_config_path: a JSON model
+            config to register first (a custom architecture), else null.
+        image_reward_path, image_reward_med_config_path: `ImageReward.pt` and `med_config.json`.
+        image_reward_env: the overlay environment the ImageReward worker runs in (null: `.envs/imagereward`).
+    """
+
+    name: str = "drawbench"
+    batch_size: int = 4
+    images_per_prompt: int = 1
+    metrics: List[str] = field(default_factory=lambda: ["image_reward", "clip_score"])
+    prompts_path: Optional[str] = None
+    clip_model: str = "ViT-L-14"
+    clip_path: Optional[str] = None
+    clip_config_path: Optional[str] = None
+    image_reward_path: Optional[str] = None
+    image_reward_med_config_path: Optional[str] = None
+    image_reward_env: Optional[str] = None
 
 
 @dataclass
@@ -186,6 +213,7 @@ def register_schemas() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
     cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
+    cs.store(group="benchmark", name="drawbench_schema", node=DrawBenchConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 

@@ -412,6 +412,6 @@ def summary_line(record: dict) -> str:
     if "latency_s" in p:
         parts.append(f"latency {p['latency_s']:.3f} s ({p['latency_speedup']:.2f}x)")
     for name, m in record.get("metrics", {}).items():
-        if m["value"] is not None:
+        if m["value"] is not None and "@" not in name:  # per-category breakdowns stay in the record
             parts.append(f"{name} {m['value']:.4g}")
     return "  ".join(parts)

@@ -62,6 +62,8 @@ class FluxAdapter(Adapter):
             self.transformer.to(self.device, self.dtype)
         self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
         self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
+        self.vae = self.pipeline.vae if self.pipeline is not None else (
+            self._random_vae() if cfg.weights == "random" else None)
         self.prompts: list[str] = []  # set by a text benchmark; labels index it
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -96,6 +98,18 @@ class FluxAdapter(Adapter):
         except (OSError, ValueError) as err:
             raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
         return pipe.to(self.device)
+
+    def _random_vae(self) -> nn.Module:
+        """A small random AutoencoderKL with FLUX's latent interface (16 channels, 8x downsampling, its scaling and
+        shift factors), so random-weight runs decode to images and image metrics run end to end."""
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(1)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+                            block_out_channels=(32, 32, 32, 32), norm_num_groups=32,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            scaling_factor=0.3611, shift_factor=0.1159)
+        return vae.eval().requires_grad_(False).to(self.device, self.dtype)
 
     def _missing(self, part: str) -> MissingWeightsError:
         return MissingWeightsError(
@@ -194,9 +208,9 @@ class FluxAdapter(Adapter):
     def decode(self, latents: Tensor) -> Tensor:
         from diffusers import FluxPipeline
 
-        if self.pipeline is None:
+        if self.vae is None:
             raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
-        vae = self.pipeline.vae
+        vae = self.vae
         unpacked = FluxPipeline._unpack_latents(latents, self.cfg.resolution, self.cfg.resolution, VAE_SCALE)
         images = vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample
         return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
