@@ -148,6 +148,23 @@ class DrawBenchConfig(FileBenchmarkConfig):
 
 
 @dataclass
+class Div8KConfig(FileBenchmarkConfig):
+    """`benchmark=div8k`: DIV8K super-resolution (Gu et al., ICCVW 2019), the paper's Table 4 (512 -> 2048).
+
+    Attributes:
+        gt_path: folder of DIV8K ground-truth PNGs (sorted by name; sample i is the i-th file).
+        hr_size: side of the centre crop of each ground truth the model must reproduce.
+        scale: upsampling factor; the low-resolution input is the crop downsampled by `scale` (bicubic, antialiased).
+    """
+
+    name: str = "div8k"
+    batch_size: int = 1
+    gt_path: Optional[str] = None
+    hr_size: int = 2048
+    scale: int = 4
+
+
+@dataclass
 class ProfileConfig:
     """Attributes:
     flops: count FLOPs over one sample's whole generation with `FlopCounterMode`.
@@ -214,6 +231,7 @@ def register_schemas() -> None:
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
     cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
     cs.store(group="benchmark", name="drawbench_schema", node=DrawBenchConfig)
+    cs.store(group="benchmark", name="div8k_schema", node=Div8KConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 

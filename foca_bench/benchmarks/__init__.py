@@ -87,3 +87,4 @@ class FileBenchmark:
 from foca_bench.benchmarks import toy_fid  # noqa: E402,F401  (registers on import)
 from foca_bench.benchmarks import imagenet_fid  # noqa: E402,F401
 from foca_bench.benchmarks import drawbench  # noqa: E402,F401
+from foca_bench.benchmarks import div8k  # noqa: E402,F401
