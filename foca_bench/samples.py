@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -203,6 +203,3 @@ class SampleStore:
                 continue
         return out
 
-
-def manifest_rows(samples: Sequence[Sample]) -> list[dict]:
-    return [asdict(s) for s in samples]
