@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -375,6 +376,9 @@ def _score_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, 
                          "shards": shards}
     record["timing"] = {"generation_s": sum(p["generation_s"] for p in shards), "evaluation_s":
                         time.perf_counter() - t0}
+    first = torch.from_numpy(np.stack([store.read(s) for s in store.samples[:16]])).permute(0, 3, 1, 2) / 255
+    _save_grid(first, path.with_suffix(".png"), nrow=8)  # the first 16 samples, beside the record
+    record["sample_grid"] = str(path.with_suffix(".png"))
     peaks = [p["cache_bytes_peak"] for p in shards if p.get("cache_bytes_peak") is not None]
     record["memory"] = {"cache_bytes_peak": max(peaks, default=None), "batch_size": cfg.benchmark.batch_size,
                         "note": "feature cache held by the method at its peak, per generation batch"}
@@ -399,7 +403,7 @@ def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images[: nrow * 10], path, nrow=nrow, padding=1)
+    atomic_write(path, lambda tmp: save_image(images[: nrow * 10], tmp, nrow=nrow, padding=1, format="png"))
 
 
 def summary_line(record: dict) -> str:

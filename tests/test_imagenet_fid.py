@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ def test_fid_is_end_to_end_and_noise_worsens_fid(files, tmp_path):
     assert samples.shape == (10, 16, 16, 1) and labels.tolist() == list(range(10))  # sample i is class i % 10
     assert all(np.isfinite(m["value"]) for m in record["metrics"].values())
     assert (tmp_path / "samples" / "imagenet_fid").is_dir() and record["samples"]["shards"][0]["generated"] == 10
+    assert Path(record["sample_grid"]).is_file()  # the first samples as a picture beside the record
     # against a reference batch of the samples themselves FID is 0 (same statistics); noise must raise it
     inception = files["inception"]
     same = fid_is(samples, np.repeat(samples, 3, axis=-1), inception, isc_splits=2, verbose=False)["fid"]["value"]
