@@ -4,7 +4,6 @@ through open_clip's loader from a local checkpoint, ImageReward through its own 
 import csv
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
