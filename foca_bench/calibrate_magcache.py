@@ -11,7 +11,6 @@ averaged over the samples. It prints the YAML for the model's `method_defaults.d
 """
 
 import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ import methods
 from foca_bench.adapters import Adapter, build_adapter
 from foca_bench.config import compose, split_knobs, validate
 from foca_bench.hooks import CacheEngine, hidden_states
-from foca_bench.records import atomic_write_json
+from foca_bench.records import write_calibration
 
 
 def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds: list[int],
@@ -59,11 +58,8 @@ def main(argv: list[str]) -> dict:
     model = cfg.model.name
     result = {"model": model, "overrides": overrides, "samples": knobs["samples"], "steps": cfg.sampler.steps,
               "mag_ratios": ratios}
-    out = Path("results/calibration") / f"magcache_{model}.json"
-    atomic_write_json(out, result)
-    print(f"MagCache ratios for {model}: {cfg.sampler.steps} steps, mean of {knobs['samples']} samples (written to "
-          f"{out}). For conf/model/{model}.yaml:\n")
-    print("method_defaults:\n  diffusers_magcache:\n    mag_ratios: [" + ", ".join(f"{r:.4f}" for r in ratios) + "]")
+    write_calibration("magcache", "diffusers_magcache", "mag_ratios", ratios, ".4f", result,
+                      f"MagCache ratios for {model}: {cfg.sampler.steps} steps, mean of {knobs['samples']} samples")
     return result
 
 

@@ -11,7 +11,6 @@ fit's R^2. Any `run.py` override applies (`model.path=...`, `sampler.steps=...`)
 """
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor
 from foca_bench.adapters import build_adapter
 from foca_bench.config import compose, split_knobs, validate
 from foca_bench.hooks import CacheEngine
-from foca_bench.records import atomic_write_json
+from foca_bench.records import write_calibration
 from methods.base import SiteKey, Step
 from methods.teacache import TeaCache, TeaCacheConfig, _State, relative_l1
 
@@ -80,11 +79,9 @@ def main(argv: list[str]) -> dict:
     result = {"model": model, "overrides": overrides, "samples": knobs["samples"], "points": len(x),
               "degree": knobs["degree"], "coefficients": coefficients, "r2": r2,
               "x_range": [float(x.min()), float(x.max())]}
-    out = Path("results/calibration") / f"teacache_{model}.json"
-    atomic_write_json(out, result)
-    print(f"TeaCache rescaling for {model}: {len(x)} steps from {knobs['samples']} samples, degree "
-          f"{knobs['degree']}, R^2 = {r2:.3f} (written to {out}). For conf/model/{model}.yaml:\n")
-    print("method_defaults:\n  teacache:\n    coefficients: [" + ", ".join(f"{c:.6g}" for c in coefficients) + "]")
+    write_calibration("teacache", "teacache", "coefficients", coefficients, ".6g", result,
+                      f"TeaCache rescaling for {model}: {len(x)} steps from {knobs['samples']} samples, degree "
+                      f"{knobs['degree']}, R^2 = {r2:.3f}")
     return result
 
 

@@ -87,6 +87,18 @@ def atomic_write_json(path: Path, payload: dict) -> None:
     atomic_write(path, write)
 
 
+def write_calibration(stem: str, method: str, knob: str, values: list[float], fmt: str, result: dict,
+                      headline: str) -> Path:
+    """Writes a calibration command's result to `results/calibration/<stem>_<model>.json` and prints it with the
+    `method_defaults` snippet for `conf/model/<model>.yaml` that sets `method`'s `cache.<knob>` to `values`."""
+    model = result["model"]
+    out = Path("results/calibration") / f"{stem}_{model}.json"
+    atomic_write_json(out, result)
+    print(f"{headline} (written to {out}). For conf/model/{model}.yaml:\n")
+    print(f"method_defaults:\n  {method}:\n    {knob}: [" + ", ".join(format(v, fmt) for v in values) + "]")
+    return out
+
+
 def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid: str) -> Path:
     return Path(results_dir) / benchmark / model / method / f"{rid}.json"
 
