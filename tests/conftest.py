@@ -53,3 +53,13 @@ def flops_of(adapter, cache: dict, steps: int, batch: int = 1) -> int:
                              steps, 1.5)
 
     return count_flops(go)
+
+
+def step_flops(model: str) -> tuple[int, int]:
+    """Counted FLOPs of one full and one skipped step of `model`'s real architecture (meta device, no weights): the
+    full step alone, then a full and a FoCa-forecast step minus the full one."""
+    cfg = make_cfg(f"model={model}", "profile=flops_only")
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    full = flops_of(adapter, {"name": "none"}, 1)
+    return full, flops_of(adapter, {"name": "foca", "N": 99, "warmup": 0}, 2) - full

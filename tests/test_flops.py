@@ -6,7 +6,7 @@ import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import schedule_full_steps, validate
 from foca_bench.runner import run
-from tests.conftest import TINY, flops_of, make_cfg
+from tests.conftest import TINY, flops_of, make_cfg, step_flops
 
 # The paper's Table 3 (DiT-XL/2, 256x256, CFG, DDIM): reference data, in TFLOPs.
 def _paper_table3() -> dict:
@@ -85,12 +85,7 @@ def test_meta_device_counts_match_cpu():
 @pytest.fixture(scope="module")
 def dit_xl_2_steps():
     """Counted FLOPs of one full and one skipped DiT-XL/2 step (meta device, CFG batch of 2)."""
-    cfg = make_cfg("model=dit_xl_2", "profile=flops_only")
-    validate(cfg)
-    adapter = build_adapter(cfg.model, "cpu")
-    full_step = flops_of(adapter, {"name": "none"}, 1)
-    skipped_step = flops_of(adapter, {"name": "foca", "N": 99, "warmup": 0}, 2) - full_step
-    return full_step, skipped_step
+    return step_flops("dit_xl_2")
 
 
 @pytest.mark.parametrize("row,paper", PAPER_TABLE3.items())

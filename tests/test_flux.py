@@ -10,7 +10,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.adapters.base import MissingWeightsError
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from tests.conftest import flops_of, make_cfg
+from tests.conftest import make_cfg, step_flops
 
 TINY_FLUX = ("model=flux", "model.weights=random", "model.dtype=float32", "model.resolution=64", "model.text_tokens=8",
              "model.arch.num_layers=2", "model.arch.num_single_layers=2", "model.arch.num_attention_heads=2",
@@ -130,12 +130,7 @@ def test_missing_weights_name_the_hub_id_and_the_key():
 @pytest.fixture(scope="module")
 def flux_steps():
     """Counted FLOPs of one full and one skipped FLUX.1-dev step at 1024x1024 (meta device, no weights)."""
-    cfg = make_cfg("model=flux", "profile=flops_only")
-    validate(cfg)
-    adapter = build_adapter(cfg.model, "cpu")
-    full = flops_of(adapter, {"name": "none"}, 1)
-    skipped = flops_of(adapter, {"name": "foca", "N": 99, "warmup": 0}, 2) - full
-    return full, skipped
+    return step_flops("flux")
 
 
 # the paper's Table 1 FLOPs (T) and the full-step counts its rows imply with warmup 2 over 50 steps
