@@ -29,7 +29,7 @@ from foca_bench.config import LOCAL_BENCHMARK_KEYS, validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
 from foca_bench.records import atomic_write, atomic_write_json, claim, environment, record_path, run_id
-from foca_bench.samples import SampleStore, batches, shard_from_env
+from foca_bench.samples import IncompleteSamples, SampleStore, batches, shard_from_env
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
 
@@ -218,11 +218,16 @@ def run(cfg: DictConfig) -> dict:
         return _run_on_disk(cfg, cache, config, rid, path, benchmark, started)
     with claim(path) as holder:  # concurrent jobs of the same cell: one computes, the others skip
         if holder is not None:
-            log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is computing {path}")
-            return {"run_id": rid, "skipped": "another job is computing this record", "holder": holder}
+            return _skipped(rid, holder, f"computing {path}")
         if path.is_file() and not cfg.force:  # it finished between our check and our claim
             return json.loads(path.read_text())
         return _compute(cfg, cache, config, rid, path, bench_name, benchmark, started)
+
+
+def _skipped(rid: str, holder: dict, doing: str) -> dict:
+    """What a job returns when another job holds the claim on the work it came to do."""
+    log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is {doing}")
+    return {"run_id": rid, "skipped": f"another job is {doing}", "holder": holder}
 
 
 def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: Path, bench_name: str,
@@ -302,24 +307,21 @@ def _run_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, pa
     if not store.complete():
         with claim(store.root / f"shard-{shard}-of-{num_shards}.json") as holder:
             if holder is not None:
-                log.warning(f"Skipping shard {shard}/{num_shards}: another job (host {holder['host']}, pid "
-                            f"{holder['pid']}) is generating it")
-                return {"run_id": rid, "skipped": "another job is generating this shard", "holder": holder}
+                return _skipped(rid, holder, f"generating shard {shard}/{num_shards} of {store.root}")
             _generate_shard(cfg, cache, benchmark, store, shard, num_shards, device)
     with claim(path) as holder:  # the merge: one process packs and scores
         if holder is not None:
-            log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is scoring {path}")
-            return {"run_id": rid, "skipped": "another job is scoring this record", "holder": holder}
+            return _skipped(rid, holder, f"scoring {path}")
         if path.is_file() and not cfg.force:
             return json.loads(path.read_text())
         if not store.complete():
-            missing = store.missing()
-            if missing:
-                log.info(f"Shard {shard}/{num_shards} of <{benchmark.name}> is done; {len(missing)} samples of other "
-                         "shards are still missing. The job that completes the set packs and scores it.")
-                return {"run_id": rid, "shard": shard, "num_shards": num_shards, "pending": len(missing)}
-            log.info(f"Packing {len(store.samples)} samples into {store.npz}")
-            store.pack()
+            try:
+                store.pack()
+            except IncompleteSamples as err:
+                log.info(f"Shard {shard}/{num_shards} of <{benchmark.name}> is done; {len(err.missing)} samples of "
+                         "other shards are still missing. The job that completes the set packs and scores it.")
+                return {"run_id": rid, "shard": shard, "num_shards": num_shards, "pending": len(err.missing)}
+            log.info(f"Packed {len(store.samples)} samples into {store.npz}")
         return _score_on_disk(cfg, cache, config, rid, path, benchmark, store, device, started)
 
 
@@ -346,7 +348,8 @@ def _generate_shard(cfg: DictConfig, cache: CacheConfig, benchmark: Any, store: 
         if device == "cpu" and cfg.profile.tune_malloc:
             tune_cpu_allocator()
         adapter = get_adapter(cfg.model, device)
-        labels, seeds = benchmark.conditions(store.samples, adapter)
+        benchmark.prepare(adapter)
+        labels, seeds = benchmark.conditions(store.samples)
         stats: dict = {}
         for batch, images in generate_batches(adapter, cache, cfg, labels, seeds, pending, stats,
                                               desc=f"<{benchmark.name}: {cache.name}> shard {shard}/{num_shards}",
@@ -361,7 +364,7 @@ def _score_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, 
                    store: SampleStore, device: str, started: float) -> dict:
     malloc = tune_cpu_allocator() if device == "cpu" and cfg.profile.tune_malloc else None
     adapter = get_adapter(cfg.model, device)
-    benchmark.conditions(store.samples, adapter)  # a text model's prompts, for the profiled runs
+    benchmark.prepare(adapter)  # a text model's prompts, for the profiled runs
     record = _base_record(cfg, cache, config, rid, benchmark.name, device, adapter, malloc)
     shards = store.progress()
     record["world_size"] = max([p["num_shards"] for p in shards], default=1)

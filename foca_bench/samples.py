@@ -1,8 +1,7 @@
 """Sharded sample generation on disk, in the shape of DiT's `sample_ddp.py` (arXiv:2212.09748), with resume.
 
 A benchmark is a fixed, ordered list of samples. Sample `i` has seed `benchmark.seed + i` and one lossless file
-named by its zero-padded global index (`000042.png`; a benchmark may name files its evaluator expects, such as
-VBench's `<prompt>-<k>.mp4`). Generation batches lie on a fixed grid of global indices (batch `b` is samples
+named by its zero-padded global index (`000042.png`). Generation batches lie on a fixed grid of global indices (batch `b` is samples
 `[b * B, (b + 1) * B)`), and shard `s` of `k` takes the batches `b` with `b % k == s`. So:
 
 - the same samples come out on 1 or 8 GPUs (same seeds, same batch compositions);
@@ -22,7 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +42,6 @@ class Sample:
         seed: `benchmark.seed + index`.
         label: class label of a class-conditional benchmark, else -1.
         prompt: text prompt of a text-conditioned benchmark, else None.
-        name: file stem of the sample (default: the zero-padded index).
         condition: path of a conditioning input (DIV8K's ground-truth image), else None.
     """
 
@@ -51,12 +49,7 @@ class Sample:
     seed: int
     label: int = -1
     prompt: Optional[str] = None
-    name: str = ""
     condition: Optional[str] = None
-
-    @property
-    def stem(self) -> str:
-        return self.name or f"{self.index:06d}"
 
 
 def shard_from_env() -> tuple[int, int]:
@@ -96,27 +89,31 @@ def read_png(path: Path) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+class IncompleteSamples(RuntimeError):
+    """Some samples of a folder are missing or unreadable; `missing` lists their indices."""
+
+    def __init__(self, missing: list[int], total: int, root: Path) -> None:
+        self.missing = missing
+        super().__init__(f"{len(missing)} of {total} samples are missing or unreadable in {root} (first: "
+                         f"{missing[:5]}); rerun the job (every shard) to generate them.")
+
+
 class SampleStore:
     """The sample folder of one run: `results/samples/<benchmark>/<model>/<method>/<run_id>/`.
 
     Args:
         root: the folder.
         samples: the benchmark's full, ordered sample list.
-        suffix: file suffix (`.png`; video benchmarks write their own files through `writer`/`reader`).
         shape: expected (H, W, C) of every image file, checked on read; None skips the check.
-        writer, reader: how one sample is written and read back (default: PNG).
     """
 
-    def __init__(self, root: Path, samples: Sequence[Sample], suffix: str = ".png",
-                 shape: Optional[tuple[int, ...]] = None,
-                 writer: Callable[[Path, np.ndarray], None] = write_png,
-                 reader: Callable[[Path], np.ndarray] = read_png) -> None:
+    def __init__(self, root: Path, samples: Sequence[Sample], shape: Optional[tuple[int, ...]] = None) -> None:
         self.root = Path(root)
         self.samples = list(samples)
-        self.suffix, self.shape, self.writer, self.reader = suffix, shape, writer, reader
+        self.shape = shape
 
     def path(self, sample: Sample) -> Path:
-        return self.root / f"{sample.stem}{self.suffix}"
+        return self.root / f"{sample.index:06d}.png"
 
     @property
     def npz(self) -> Path:
@@ -127,22 +124,25 @@ class SampleStore:
         return self.root / "DONE"
 
     def read(self, sample: Sample) -> np.ndarray:
-        array = self.reader(self.path(sample))
+        array = read_png(self.path(sample))
         if self.shape is not None and tuple(array.shape) != tuple(self.shape):
             raise ValueError(f"{self.path(sample)} has shape {tuple(array.shape)}, expected {tuple(self.shape)}")
         return array
 
-    def valid(self, sample: Sample) -> bool:
-        """Whether the sample's file exists and reads back whole, at the expected shape."""
+    def read_checked(self, sample: Sample) -> Optional[np.ndarray]:
+        """The sample's array, or None when its file is missing or does not read back whole at the expected
+        shape (truncated, corrupt, wrong size: regenerated rather than used)."""
         path = self.path(sample)
         if not path.is_file():
-            return False
+            return None
         try:
-            self.read(sample)
-        except Exception as err:  # truncated, corrupt, wrong size: regenerate rather than use it
+            return self.read(sample)
+        except Exception as err:
             log.warning(f"Sample file {path} is unreadable ({type(err).__name__}: {err}); it will be regenerated")
-            return False
-        return True
+            return None
+
+    def valid(self, sample: Sample) -> bool:
+        return self.read_checked(sample) is not None
 
     def todo(self, batch: range) -> list[int]:
         """Indices of `batch` whose files are missing or unreadable."""
@@ -153,7 +153,7 @@ class SampleStore:
         written = 0
         for j, i in enumerate(indices):
             if only is None or i in only:
-                self.writer(self.path(self.samples[i]), images[j])
+                write_png(self.path(self.samples[i]), images[j])
                 written += 1
         return written
 
@@ -166,12 +166,16 @@ class SampleStore:
 
     def pack(self) -> Path:
         """Packs every sample into `samples.npz` (`arr_0`: (N, H, W, C) uint8 in index order; `labels` when the
-        benchmark has classes), then writes `DONE` with a manifest. Raises if any sample is missing."""
-        missing = self.missing()
+        benchmark has classes), then writes `DONE` with a manifest; every file is read once.
+
+        Raises:
+            IncompleteSamples: some sample is missing or unreadable (nothing is written).
+        """
+        arrays = [self.read_checked(s) for s in self.samples]
+        missing = [s.index for s, a in zip(self.samples, arrays) if a is None]
         if missing:
-            raise RuntimeError(f"{len(missing)} of {len(self.samples)} samples are missing or unreadable in "
-                               f"{self.root} (first: {missing[:5]}); rerun the job (every shard) to generate them.")
-        arrays = np.stack([self.read(s) for s in self.samples])
+            raise IncompleteSamples(missing, len(self.samples), self.root)
+        arrays = np.stack(arrays)
         extra = {"labels": np.array([s.label for s in self.samples])} if self.samples[0].label >= 0 else {}
 
         def write(tmp: Path) -> None:
@@ -183,12 +187,6 @@ class SampleStore:
                                       "packed_by": {"host": socket.gethostname(), "pid": os.getpid()},
                                       "time": time.time(), "files": [self.path(s).name for s in self.samples]})
         return self.npz
-
-    def iter_arrays(self, batch_size: int) -> Iterator[tuple[list[Sample], np.ndarray]]:
-        """The samples in index order, `batch_size` at a time, read from their files."""
-        for start in range(0, len(self.samples), batch_size):
-            chunk = self.samples[start : start + batch_size]
-            yield chunk, np.stack([self.read(s) for s in chunk])
 
     def write_progress(self, shard: int, num_shards: int, info: dict) -> None:
         """A shard's account of its work (`shard-<s>-of-<k>.json`), merged into the record."""

@@ -47,12 +47,11 @@ def require_file(path: Optional[str], what: str, key: str, how: str) -> Path:
 class FileBenchmark:
     """A benchmark whose samples are files on disk, generated in shards and scored from the packed folder.
 
-    Subclasses set `suffix` and implement `samples`, `preflight` and `evaluate`; text benchmarks give prompts,
-    class-conditional ones labels.
+    Subclasses implement `all_samples`, `preflight` and `evaluate`, and `prepare` when the model needs more than a
+    label per sample (a text benchmark's prompts).
     """
 
     name: str = ""
-    suffix: str = ".png"
     on_disk = True
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
@@ -71,8 +70,18 @@ class FileBenchmark:
         items = self.all_samples()
         return items[: self.cfg.limit] if self.cfg.limit else items
 
-    def store(self, root: Path, shape: Optional[tuple[int, ...]] = None) -> SampleStore:
-        return SampleStore(root, self.samples(), suffix=self.suffix, shape=shape)
+    def prepare(self, adapter: Any) -> None:
+        """Gives the model what its samples are conditioned on beyond a label (a text model's prompts), or refuses a
+        model that cannot run this benchmark. Called before generating and before profiling."""
+
+    def conditions(self, samples: list[Sample]) -> tuple[Any, list[int]]:
+        """(labels the adapter takes (N,), seeds) of `samples`: class labels, or indices into what `prepare` gave."""
+        import torch
+
+        return torch.tensor([s.label for s in samples]), [s.seed for s in samples]
+
+    def store(self, root: Path) -> SampleStore:
+        return SampleStore(root, self.samples())
 
     def to_files(self, images: Any) -> np.ndarray:
         """Generated images (B, C, H, W) in [0, 1] -> what `SampleStore.write` takes (uint8 NHWC)."""

@@ -3,7 +3,7 @@
 Sample i is the i-th ground-truth PNG of `gt_path` (sorted by name). Its target is the centre `hr_size` crop; the
 model's input is that crop downsampled `scale` times (bicubic with antialiasing, PIL). Scores: PSNR and SSIM of the
 output against the crop (`evaluation/sr_metrics.py`). Generation needs an adapter that super-resolves
-(`adapter.super_resolves`, fed through `adapter.low_res`); none is built yet (Inf-DiT, issue 4), so the benchmark's
+(`adapter.super_resolves`, given `adapter.low_res(index)`); none is built yet (Inf-DiT, issue 4), so the benchmark's
 protocol and metrics run today on outputs any upsampler writes into its sample folder.
 """
 
@@ -49,10 +49,12 @@ class Div8K(FileBenchmark):
                              f"{self.cfg.scale}.")
         self.files = sorted(folder.glob("*.png"))
 
-    def check_model(self, adapter: Any) -> None:
+    def prepare(self, adapter: Any) -> None:
         if not getattr(adapter, "super_resolves", False):
             raise ValueError(f"benchmark=div8k needs a super-resolution model; model={adapter.cfg.name} generates "
                              "from noise. The paper's model is Inf-DiT (model=inf_dit), not built yet.")
+        samples = self.samples()
+        adapter.low_res = lambda index: self.low_res(samples[index])  # read when a batch needs it, not up front
 
     def all_samples(self) -> list[Sample]:
         return [Sample(index=i, seed=self.cfg.seed + i, condition=str(p)) for i, p in enumerate(self.files)]
@@ -60,10 +62,8 @@ class Div8K(FileBenchmark):
     def low_res(self, sample: Sample) -> np.ndarray:
         return downsample(centre_crop(Path(sample.condition), self.cfg.hr_size), self.cfg.scale)
 
-    def conditions(self, samples: list[Sample], adapter: Any) -> tuple[torch.Tensor, list[int]]:
-        self.check_model(adapter)
-        adapter.low_res = [self.low_res(s) for s in samples]  # labels index this list
-        return torch.tensor([s.index for s in samples]), [s.seed for s in samples]
+    def conditions(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
+        return torch.tensor([s.index for s in samples]), [s.seed for s in samples]  # `adapter.low_res(index)`
 
     def evaluate(self, store: SampleStore, device: str) -> dict:
         pairs = ((store.read(s), centre_crop(Path(s.condition), self.cfg.hr_size)) for s in store.samples)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from evaluation import metric
 from evaluation.clip_score import clip_scores, load_clip
@@ -78,9 +77,8 @@ class DrawBench(FileBenchmark):
         return [Sample(index=i, seed=self.cfg.seed + i, label=i // k, prompt=self.prompts[i // k][0])
                 for i in range(k * len(self.prompts))]
 
-    def conditions(self, samples: list[Sample], adapter: Any) -> tuple[torch.Tensor, list[int]]:
-        adapter.prompts = [p for p, _ in self.prompts]  # labels index this list
-        return torch.tensor([s.label for s in samples]), [s.seed for s in samples]
+    def prepare(self, adapter: Any) -> None:
+        adapter.prompts = [p for p, _ in self.prompts]  # sample labels index this list
 
     def evaluate(self, store: SampleStore, device: str) -> dict:
         samples = store.samples

@@ -6,10 +6,7 @@ first C samples cover every class once, so `benchmark.limit` smoke runs stay cla
 """
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
-import torch
 
 from evaluation.inception_fid import INCEPTION_FILE, INCEPTION_URL, default_inception_path, fid_is, load_reference_batch
 from foca_bench.benchmarks import FileBenchmark, require_file, register_benchmark
@@ -37,9 +34,6 @@ class ImageNetFID(FileBenchmark):
         c = self.model_cfg.num_classes
         n = self.cfg.samples_per_class * c
         return [Sample(index=i, seed=self.cfg.seed + i, label=i % c) for i in range(n)]
-
-    def conditions(self, samples: list[Sample], adapter: Any) -> tuple[torch.Tensor, list[int]]:
-        return torch.tensor([s.label for s in samples]), [s.seed for s in samples]
 
     def evaluate(self, store: SampleStore, device: str) -> dict:
         with np.load(store.npz) as f:
