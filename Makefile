@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install env-imagereward demo test test-slow toy-model tables flops-dit flops-flux bench clean-results
+.PHONY: install env-imagereward demo test test-slow toy-model tables flops-dit flops-flux flops-hunyuan bench clean-results
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ flops-dit: install
 
 flops-flux: install
 	$(RUN) -m experiment=table1_flux
+	$(PY) -m foca_bench.tables
+
+flops-hunyuan: install
+	$(RUN) -m experiment=table2_hunyuan
 	$(PY) -m foca_bench.tables
 
 # Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.

@@ -31,6 +31,11 @@ class ModelConfig:
         method_defaults: settings that depend on the model and the method together, by method name (e.g.
             `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
         text_tokens: prompt length in tokens of a text-conditioned model (FLUX's T5 `max_sequence_length`).
+        size: `full` (the paper's architecture) or `tiny`: the same diffusers classes at a small width, with
+            random weights (`weights=pretrained` becomes `random`), so the whole pipeline (VAE decode included)
+            runs on a CPU in seconds.
+        tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`); they win over
+            command-line overrides of the same keys, so change a tiny value as `model.tiny.<key>=...`.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
             pooled embeddings) once per generation instead of once per block and step; same values, same FLOPs,
             less per-step overhead for full and skipped steps alike. `false` computes them step by step.
@@ -51,6 +56,27 @@ class ModelConfig:
     method_defaults: Dict[str, Any] = field(default_factory=dict)
     precompute_conditioning: bool = True
     text_tokens: int = 0
+    size: str = "full"
+    tiny: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VideoModelConfig(ModelConfig):
+    """A text-to-video model (`resolution` is the frame height).
+
+    Attributes:
+        width: frame width in pixels.
+        frames: video length in frames (the VAE compresses `(frames - 1) / 4 + 1` latent frames).
+        true_cfg_scale: real classifier-free guidance on top of the embedded one; above 1 each step runs a
+            separate unconditional pass (with `negative_prompt`) in its own cache context, as HunyuanVideoPipeline
+            does. 1 (the default) runs the conditional pass only.
+        negative_prompt: the unconditional pass's prompt when `true_cfg_scale > 1`.
+    """
+
+    width: int = MISSING
+    frames: int = MISSING
+    true_cfg_scale: float = 1.0
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -228,6 +254,7 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="model", name="video_model_schema", node=VideoModelConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
     cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
     cs.store(group="benchmark", name="drawbench_schema", node=DrawBenchConfig)
@@ -272,6 +299,21 @@ def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
     return sum(1 for i in range(steps) if is_full(i, steps))
 
 
+def sized(model: DictConfig) -> DictConfig:
+    """The model config with its `tiny` block merged in when `size=tiny` (idempotent)."""
+    if model.size not in ("full", "tiny"):
+        raise ValueError(f"model.size={model.size!r}: choose full (the paper's architecture) or tiny (the same "
+                         "classes at small width, random weights).")
+    if model.size == "full":
+        return model
+    if not model.tiny:
+        raise ValueError(f"model.size=tiny: model `{model.name}` has no `tiny` block in its YAML.")
+    model = OmegaConf.merge(model, model.tiny)
+    if model.weights == "pretrained":  # no checkpoint has the tiny shapes; meta (FLOP counting) stays meta
+        model.weights = "random"
+    return model
+
+
 def validate(cfg: DictConfig) -> CacheConfig:
     """Runs every cross-field check and fills defaults that depend on other groups.
 
@@ -281,6 +323,7 @@ def validate(cfg: DictConfig) -> CacheConfig:
     Raises:
         ValueError: with a message that says how to fix the configuration.
     """
+    cfg.model = sized(cfg.model)
     if cfg.cache.warmup is None:
         cfg.cache.warmup = cfg.model.warmup
     for key, value in (cfg.model.method_defaults.get(cfg.cache.name) or {}).items():

@@ -2,15 +2,22 @@
 
 The only place that hands a model to another project's caching code: `attach(cfg, model, now)` applies the hook
 matching `cfg.name` and returns a `detach()` that removes it; `reset(model)` clears its state between
-generations. Batched-CFG models run in one cache context (`cond_uncond`).
+generations. Batched-CFG models run in one cache context (`cond_uncond`); separate cond/uncond passes switch
+diffusers' cache context with the engine's (`set_context`), as diffusers' pipelines do with `cache_context`.
 """
 
-from typing import Callable
+import re
+from typing import Callable, Sequence
 
 from torch import nn
 
-# the module names our `attn`/`mlp` sites cache, as diffusers' regex identifiers (DiT / BasicTransformerBlock)
-_ATTN_FF = [r"transformer_blocks\.\d+\.(attn1|ff)"]
+BATCHED = "cond_uncond"  # the one context of a batched-CFG forward, and of an engine's `default` branch
+
+
+def _identifiers(model: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
+    """Exact-name regexes of `modules` inside `model`: diffusers' TaylorSeer hook caches what our sites cache."""
+    wanted = {id(m) for m in modules}
+    return [f"^{re.escape(name)}$" for name, m in model.named_modules() if id(m) in wanted]
 
 
 def _hook_names(name: str) -> list[str]:
@@ -24,8 +31,15 @@ def _hook_names(name: str) -> list[str]:
     }[name]
 
 
-def attach(cfg, model: nn.Module, now: Callable[[], float]) -> Callable[[], None]:
-    """Applies the diffusers hook for `cfg` (a `diffusers_*` method config) to `model`."""
+def attach(cfg, model: nn.Module, now: Callable[[], float], features: Sequence[nn.Module]) -> Callable[[], None]:
+    """Applies the diffusers hook for `cfg` (a `diffusers_*` method config) to `model`.
+
+    Args:
+        cfg: the method's config.
+        model: the transformer.
+        now: the current scheduler timestep (PAB's active range).
+        features: the modules the adapter's attention/MLP/fused sites cache (diffusers' TaylorSeer caches them).
+    """
     import torch
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
@@ -34,8 +48,8 @@ def attach(cfg, model: nn.Module, now: Callable[[], float]) -> Callable[[], None
         from diffusers.hooks.taylorseer_cache import TaylorSeerCacheConfig, apply_taylorseer_cache
 
         apply_taylorseer_cache(model, TaylorSeerCacheConfig(
-            cache_interval=cfg.N, disable_cache_before_step=cfg.warmup or 0, max_order=cfg.O,
-            taylor_factors_dtype=torch.float32, cache_identifiers=_ATTN_FF))
+            cache_interval=cfg.N, disable_cache_before_step=max(cfg.warmup or 0, 1), max_order=cfg.O,
+            taylor_factors_dtype=getattr(torch, cfg.dtype or "float32"), cache_identifiers=_identifiers(model, features)))
     elif cfg.name == "diffusers_fbcache":
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
@@ -57,7 +71,7 @@ def attach(cfg, model: nn.Module, now: Callable[[], float]) -> Callable[[], None
     else:
         raise ValueError(f"no diffusers hook for method {cfg.name!r}")
     _invalidate(model)  # the registry caches its children: make it see the hooks just added
-    _set_cache_context(model, CacheContext("cond_uncond"))
+    _set_cache_context(model, CacheContext(BATCHED))
 
     def detach() -> None:
         _set_cache_context(model, None)
@@ -86,4 +100,11 @@ def reset(model: nn.Module) -> None:
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
-    _set_cache_context(model, CacheContext("cond_uncond"))
+    _set_cache_context(model, CacheContext(BATCHED))
+
+
+def set_context(model: nn.Module, branch: str) -> None:
+    """Points diffusers' hooks at the state of CFG branch `branch` (the engine's `default` is the batched one)."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(model, CacheContext(BATCHED if branch == "default" else branch))

@@ -30,6 +30,11 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def hidden_states(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a block was called with (first positional argument or `hidden_states=`)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @dataclass
 class Site:
     """A cache site, as an adapter describes it.
@@ -44,12 +49,13 @@ class Site:
             DiT block's attention), with a cheap stand-in for their output. On a forecast step their result
             is dead, so the engine returns the stand-in instead of running them, as the official caching
             codes do by not computing a skipped branch's input. Results are bit-identical (tested).
-        residual: the site is a residual stack of blocks (roles `blocks`, `block`), each called as
-            `block(hidden_states, ...) -> hidden_states`: `module` is its first block and `span` the blocks
-            after it. The cached value is the stack's residual (output minus input hidden states); on a
-            forecast step the first block returns input + residual and the others pass their input through
-            without running.
+        residual: the site is a residual stack of blocks (roles `blocks`, `block`): `module` is its first block
+            and `span` the blocks after it. The cached value is the stack's residual (output minus input state,
+            `unpack(output) - read(args, kwargs)`); on a forecast step the first block returns
+            `pack(input + residual)` and the others pass their input through (`pack(read(...))`) without running.
         span: the blocks after `module` in a residual stack.
+        read: a residual block's `(args, kwargs) -> state`; by default the hidden states it was called with
+            (`block(hidden_states, ...) -> hidden_states`). A two-stream block reads both streams as one tensor.
         signal: `(args, kwargs) of the first block -> Tensor`, the cheap indicator an adaptive method decides
             from (TeaCache: the first block's modulated input).
         layer: (block index, number of blocks), for methods whose settings vary with depth (ToCa).
@@ -58,6 +64,8 @@ class Site:
         attention_probe: attention sites: `(forward, args, kwargs) -> (output, (B, tokens) attention each token
             received)`, run at full steps when a token-wise method scores tokens by attention.
         scored_by: the name of the attention site whose probe scores this site's tokens.
+        score_tokens: selects this site's tokens from the scoring probe's (B, tokens) vector, when the attention
+            runs over more tokens than the site (a two-stream block's joint attention over text and image).
     """
 
     name: str
@@ -68,16 +76,13 @@ class Site:
     feeders: tuple[tuple[nn.Module, Callable[..., Any]], ...] = ()
     residual: bool = False
     span: tuple[nn.Module, ...] = ()
+    read: Callable[[tuple, dict], Tensor] = hidden_states
     signal: Optional[Callable[[tuple, dict], Tensor]] = None
     layer: tuple[int, int] = (0, 1)
     tokenwise: bool = False
     attention_probe: Optional[Callable[[Callable[..., Any], tuple, dict], tuple[Any, Tensor]]] = None
     scored_by: Optional[str] = None
-
-
-def hidden_states(args: tuple, kwargs: dict) -> Tensor:
-    """The hidden states a block was called with (first positional argument or `hidden_states=`)."""
-    return args[0] if args else kwargs["hidden_states"]
+    score_tokens: Callable[[Tensor], Tensor] = _identity
 
 
 def first_token(*args: Any, **kwargs: Any) -> Tensor:
@@ -130,6 +135,8 @@ class CacheEngine:
                              f"model's adapter offers none (it offers {', '.join(sorted({s.role for s in sites}))}).")
         # diffusers' own hooks (`diffusers_*` methods) go on the whole model
         self._model = next((s.module for s in sites if s.role == "model"), None) if method.external else None
+        # the modules our attention/MLP/fused sites cache, for diffusers' TaylorSeer hook to cache the same ones
+        self._feature_modules = [s.module for s in sites if s.role in ("attn", "mlp", "fused")]
         self._detach: Optional[Callable[[], None]] = None
         self.trace: Optional[Trace] = Trace() if trace else None
         self.branch = "default"
@@ -148,7 +155,8 @@ class CacheEngine:
             if self._model is not None:
                 from foca_bench import external
 
-                self._detach = external.attach(self.method.cfg, self._model, lambda: self._step.t)
+                self._detach = external.attach(self.method.cfg, self._model, lambda: self._step.t,
+                                               self._feature_modules)
             for site in self.sites:
                 if site.residual:
                     self._install(site.module, self._wrap_span_head(site, site.module.forward), site.name)
@@ -225,10 +233,16 @@ class CacheEngine:
     def context(self, branch: str) -> Iterator[None]:
         """Names the CFG branch of the forwards inside (separate cond/uncond passes keep separate caches)."""
         previous, self.branch = self.branch, branch
+        if self._detach is not None:
+            from foca_bench import external
+
+            external.set_context(self._model, branch)
         try:
             yield
         finally:
             self.branch = previous
+            if self._detach is not None:
+                external.set_context(self._model, previous)
 
     def _wrap(self, site: Site, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -258,6 +272,7 @@ class CacheEngine:
         """A token-wise site at a partial step: what the method may know of its tokens, and how to compute some."""
         hidden = hidden_states(args, kwargs)  # (B, tokens, D)
         attention = self._received.get(SiteKey(site.scored_by, key.branch)) if site.scored_by else None
+        attention = None if attention is None else site.score_tokens(attention)
         tokens = Tokens(site.role, *site.layer, batch=hidden.shape[0], count=hidden.shape[1], attention=attention,
                         paired=self.batched_cfg)
 
@@ -284,18 +299,18 @@ class CacheEngine:
             if self._step is None:
                 return original(*args, **kwargs)
             key = SiteKey(site.name, self.branch)
-            hidden = hidden_states(args, kwargs)
+            state = site.read(args, kwargs)
             if self._is_full(site, key, args, kwargs):
                 out = original(*args, **kwargs)
                 if site.span:
-                    self._span_input[key] = hidden
+                    self._span_input[key] = state
                 else:
-                    self._span_done(key, hidden, out)
+                    self._span_done(key, state, site.unpack(out))
                 return out
             self._span_input[key] = None
-            residual = self.method.forecast(key, self._step)
+            residual = self.method.give(key, self.method.forecast(key, self._step))
             self._record(key, residual)
-            return hidden + residual
+            return site.pack(state + residual)
 
         return forward
 
@@ -306,17 +321,17 @@ class CacheEngine:
             key = SiteKey(site.name, self.branch)
             hidden_in = self._span_input.get(key)
             if hidden_in is None:  # the stack is forecast at this step: pass through
-                return hidden_states(args, kwargs)
+                return site.pack(site.read(args, kwargs))
             out = original(*args, **kwargs)
             if last:
-                self._span_done(key, hidden_in, out)
+                self._span_done(key, hidden_in, site.unpack(out))
             return out
 
         return forward
 
     def _span_done(self, key: SiteKey, hidden_in: Tensor, out: Tensor) -> None:
         residual = out - hidden_in
-        self.method.update(key, self._step, residual)
+        self.method.update(key, self._step, self.method.keep(key, residual))
         self._record(key, residual)
 
     def _wrap_feeder(self, original: Callable[..., Any], stand_in: Callable[..., Any]) -> Callable[..., Any]:

@@ -187,6 +187,8 @@ def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
     if methods.get(cache.name).schedule_free:
         for k in ("N", "warmup", "time"):
             config["cache"].pop(k, None)
+    if config["cache"].get("dtype", "unset") is None:  # the default (the model's dtype): ids from before it stay
+        config["cache"].pop("dtype")
     if not cfg.profile.benchmark:
         config.pop("benchmark", None)
     for key in list(config.get("benchmark", {})):  # where files are and how work is split change no sample

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -91,12 +92,16 @@ class CacheConfig:
             (`model.warmup`).
         time: time axis of the forecasts: `step` (t_i = i) or `sigma` (the scheduler's own time values, so
             non-uniform grids are handled).
+        dtype: the dtype the method stores features in (`float32`, `bfloat16`, `float16`); null keeps the model's.
+            `bfloat16` halves a float32 model's cache; `float32` on a bf16 model stores and forecasts in full
+            precision (as diffusers' `taylor_factors_dtype`). Forecasts are cast back to the model's dtype.
     """
 
     name: str = "???"
     N: int = 1
     warmup: Optional[int] = None
     time: str = "step"
+    dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.N < 1:
@@ -106,6 +111,8 @@ class CacheConfig:
             raise ValueError(f"cache.warmup={self.warmup} must be >= 0 (or null for the model's default).")
         if self.time not in ("step", "sigma"):
             raise ValueError(f"cache.time={self.time!r}: choose `step` (t_i = i) or `sigma` (scheduler times).")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"cache.dtype={self.dtype!r}: choose float32, bfloat16, float16, or null (the model's).")
 
 
 class CacheMethod(ABC):
@@ -132,7 +139,19 @@ class CacheMethod(ABC):
 
     def __init__(self, cfg: CacheConfig) -> None:
         self.cfg = cfg
+        dtype = getattr(cfg, "dtype", None)
+        self.storage_dtype: Optional[torch.dtype] = getattr(torch, dtype) if dtype else None
+        self.feature_dtypes: dict[SiteKey, torch.dtype] = {}  # the model's dtype of each site's features
         self.reset()
+
+    def keep(self, key: SiteKey, features: Tensor) -> Tensor:
+        """A fresh feature as the method stores it: in `cache.dtype` (remembering the model's dtype)."""
+        self.feature_dtypes[key] = features.dtype
+        return features if self.storage_dtype is None else features.to(self.storage_dtype)
+
+    def give(self, key: SiteKey, value: Tensor) -> Tensor:
+        """A stored or forecast value as the model uses it: back in the model's dtype."""
+        return value.to(self.feature_dtypes.get(key, value.dtype))
 
     def is_full(self, index: int, total: Optional[int] = None) -> bool:
         """The interval schedule: full when i < warmup or (i - warmup) % N == 0 (`total`, the number of steps,
@@ -232,11 +251,11 @@ def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: 
     """
     if full:
         features = compute()
-        method.update(key, step, features)
+        method.update(key, step, method.keep(key, features))
         return features
     if partial is not None:
         tokens, compute_tokens = partial
         indices = method.select(key, step, tokens)
         if indices is not None:
-            return method.update_tokens(key, step, indices, compute_tokens(indices))
-    return method.forecast(key, step)
+            return method.give(key, method.update_tokens(key, step, indices, compute_tokens(indices)))
+    return method.give(key, method.forecast(key, step))

@@ -39,8 +39,9 @@ class _External(CacheMethod):
 
 @dataclass
 class DiffusersTaylorSeerConfig(CacheConfig):
-    """`cache_interval=N`, `disable_cache_before_step=warmup`, `max_order=O`, factors in float32, on the
-    attention and feed-forward modules of every block (our `attn`/`mlp` sites)."""
+    """`cache_interval=N`, `disable_cache_before_step=warmup` (at least 1: the hook cannot predict before it
+    has computed a step, so a model default of `warmup=0` becomes 1 here), `max_order=O`, factors in
+    `cache.dtype` (null: float32), on the modules our attention, MLP and fused sites cache."""
 
     name: str = "diffusers_taylorseer"
     N: int = 3

@@ -11,11 +11,26 @@ from foca_bench.config import compose, validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops
 
-# A random-weight DiT with toy_dit's interface (16x16, 10 classes) at one block: seconds on a CPU.
-TINY = ("model.weights=random", "model.arch.num_layers=2", "model.arch.num_attention_heads=2",
-        "model.arch.attention_head_dim=16")
+# A random-weight DiT with toy_dit's interface (16x16, 10 classes) at two blocks: seconds on a CPU.
+TINY = ("model.size=tiny",)
+# The paper's models as the same diffusers classes at small width with random weights (each YAML's `tiny` block).
+TINY_MODELS = {"toy_dit": TINY, "dit_xl_2": ("model=dit_xl_2", "model.size=tiny"),
+               "flux": ("model=flux", "model.size=tiny"), "hunyuan_video": ("model=hunyuan_video", "model.size=tiny")}
+TINY_FLUX = TINY_MODELS["flux"]
+TINY_HUNYUAN = TINY_MODELS["hunyuan_video"]
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# figures tests measure and report (title -> {row: value}), printed after the session's results
+REPORTED: dict[str, dict[str, str]] = {}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for title, rows in REPORTED.items():
+        terminalreporter.section(title)
+        width = max(map(len, rows))
+        for row, value in rows.items():
+            terminalreporter.write_line(f"{row:<{width}}  {value}")
 
 
 def make_cfg(*overrides: str):

@@ -13,9 +13,8 @@ from foca_bench.benchmarks import MissingFileError, build_benchmark
 from foca_bench.config import validate
 from foca_bench.runner import run
 from foca_bench.samples import Sample, SampleStore
-from tests.conftest import make_cfg
+from tests.conftest import TINY_FLUX, make_cfg
 from tests.random_nets import colour_images, save_tiny_clip
-from tests.test_flux import TINY_FLUX
 
 
 @pytest.fixture(scope="module")

@@ -257,3 +257,33 @@ def test_cache_bytes_peak_counts_the_tensors_each_method_keeps_per_site(adapter,
         adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
     per_tensor, sites = 4 * 64 * 32 * 4, 2 * 2
     assert engine.cache_bytes_peak == tensors_per_site * sites * per_tensor
+
+
+@pytest.mark.parametrize("name", ["foca", "taylorseer", "fora", "teacache", "toca"])
+def test_cache_dtype_stores_features_at_that_precision_and_gives_them_back_in_the_models(adapter, name):
+    """cache.dtype=float16 on a float32 model: the cached features take half the bytes (TeaCache's signal and
+    ToCa's token bookkeeping are not features and stay as they are), outputs stay float32, close to a float32
+    cache."""
+    cache = {"name": name, "N": 3, "warmup": 1, **({"coefficients": [1.0, 0.0], "l": 0.3} if name == "teacache" else {})}
+
+    def run(dtype):
+        method = methods.build({**cache, "dtype": dtype})
+        with CacheEngine(method, adapter.sites(), measure_cache=True) as engine:
+            out = adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+        return out, engine.cache_bytes_peak
+
+    full, full_bytes = run(None)
+    half, half_bytes = run("float16")
+    assert half.dtype == full.dtype == torch.float32
+    features, other = 2 * (full_bytes - half_bytes), 2 * half_bytes - full_bytes  # full = F + X, half = F / 2 + X
+    assert features > 0 and (other == 0 if name in ("foca", "taylorseer", "fora") else 0 <= other <= features)
+    assert not torch.equal(half, full) and ((half - full).norm() / full.norm()) < 1e-2
+
+
+def test_a_null_cache_dtype_leaves_run_ids_unchanged(cfg_factory):
+    from foca_bench.runner import identity
+
+    cfg = cfg_factory("method=foca")
+    assert "dtype" not in identity(cfg, validate(cfg))["cache"]
+    cfg = cfg_factory("method=foca", "cache.dtype=bfloat16")
+    assert identity(cfg, validate(cfg))["cache"]["dtype"] == "bfloat16"

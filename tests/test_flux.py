@@ -10,12 +10,8 @@ from foca_bench.adapters import build_adapter
 from foca_bench.adapters.base import MissingWeightsError
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from tests.conftest import make_cfg, step_flops
+from tests.conftest import TINY_FLUX, make_cfg, step_flops
 
-TINY_FLUX = ("model=flux", "model.weights=random", "model.dtype=float32", "model.resolution=64", "model.text_tokens=8",
-             "model.arch.num_layers=2", "model.arch.num_single_layers=2", "model.arch.num_attention_heads=2",
-             "model.arch.attention_head_dim=16", "model.arch.axes_dims_rope=[4,6,6]",
-             "model.arch.joint_attention_dim=32", "model.arch.pooled_projection_dim=16")
 STEPS = 10
 ENGINE_METHODS = ["fora", "taylorseer", "foca", "reuse", "toca", "duca"]
 
@@ -111,11 +107,22 @@ def test_every_cache_site_is_on_the_path_to_the_output_and_a_dead_one_is_caught(
         hook.remove()
 
 
-@pytest.mark.parametrize("name", ["teacache", "delta_dit"])
-def test_methods_needing_sites_flux_does_not_offer_fail_clearly(flux, name):
+@pytest.mark.parametrize("name,role", [("teacache", "blocks"), ("delta_dit", "block")])
+def test_a_method_whose_sites_an_adapter_lacks_fails_clearly(flux, name, role):
     cache = {"name": name, "coefficients": [1.0, 0.0]} if name == "teacache" else {"name": name}
     with pytest.raises(ValueError, match="offers none"):
-        CacheEngine(methods.build(cache), flux.sites())
+        CacheEngine(methods.build(cache), [s for s in flux.sites() if s.role != role])
+
+
+def test_block_residual_sites_hand_both_streams_on(flux):
+    """A skipped block must return the two streams in the block's own order (text first for FLUX): reading a
+    block's input and packing it back gives the block's call arguments in output order."""
+    site = next(s for s in flux.sites() if s.name == "blocks.0")
+    image, text = torch.randn(2, 16, 32), torch.randn(2, 8, 32)
+    state = site.read((), {"hidden_states": image, "encoder_hidden_states": text})
+    out_text, out_image = site.pack(state)
+    assert torch.equal(out_text, text) and torch.equal(out_image, image)
+    assert torch.equal(site.unpack((text, image)), state)
 
 
 def test_missing_weights_name_the_hub_id_and_the_key():

@@ -23,6 +23,9 @@ def register_adapter(*names: str) -> Callable[[type[Adapter]], type[Adapter]]:
 
 
 def build_adapter(model_cfg, device: str) -> Adapter:
+    from foca_bench.config import sized
+
+    model_cfg = sized(model_cfg)
     if model_cfg.name not in ADAPTERS:
         raise KeyError(f"No adapter for model {model_cfg.name!r}; registered: {', '.join(sorted(ADAPTERS))}.")
     return ADAPTERS[model_cfg.name](model_cfg, device)

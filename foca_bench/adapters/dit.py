@@ -104,10 +104,18 @@ class DiTAdapter(Adapter):
             raise self._missing(location, "transformer") from err
 
     def _load_vae(self) -> Optional[torch.nn.Module]:
-        if self.cfg.weights != "pretrained":
-            return None  # FLOP counting and random-weight runs stop at latents
         from diffusers import AutoencoderKL
 
+        if self.cfg.weights == "meta":
+            return None  # FLOP counting stops at latents
+        if self.cfg.weights == "random":
+            # a small random AutoencoderKL with sd-vae-ft-ema's latent interface (4 channels, 8x, its scaling
+            # factor), so random-weight runs decode to images
+            torch.manual_seed(1)
+            vae = AutoencoderKL(latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 32, 32),
+                                norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+            return vae.to(self.device, self.dtype).eval().requires_grad_(False)
         location = self._weights_location()
         try:
             vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=True)

@@ -1,12 +1,8 @@
 """FLUX adapter (FLUX.1-dev): diffusers `FluxTransformer2DModel` with FluxPipeline's flow-matching sampling loop.
 
-Cache sites, as TaylorSeer's FLUX code caches them: per double-stream `FluxTransformerBlock`, the joint attention
-output (image and text streams, one module call: cached as one tensor, text tokens first) and the image and text
-feed-forward outputs, all before gating and the residual add; per single-stream `FluxSingleTransformerBlock`, its
-fused output (`proj_out` of the attention and MLP branches, before the gate). On a skipped step the modules that
-only feed a skipped site (the pre-attention and pre-MLP LayerNorms, and a single block's attention and MLP input
-projection) return cheap stand-ins instead of running, so only modulation, embeddings and the final layer run.
-Double blocks return `(encoder_hidden_states, hidden_states)`: the text stream first.
+Cache sites: the MMDiT map of `adapters/mmdit.py` (double-block joint attention and feed-forwards, single-block
+fused outputs, block residual stacks for TeaCache and Δ-DiT, the whole model). Double and single blocks return
+`(encoder_hidden_states, hidden_states)`: the text stream first.
 
 FLUX.1-dev is guidance-distilled: guidance is an embedded scalar, one forward per step, no CFG batch. Prompts are
 T5/CLIP embeddings from the pipeline's text encoders (`model.weights=pretrained`), or seeded random embeddings of
@@ -22,33 +18,10 @@ from tqdm import tqdm
 
 from foca_bench.adapters import register_adapter
 from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.hooks import CacheEngine, Site, first_token
+from foca_bench.adapters.mmdit import mmdit_sites
+from foca_bench.hooks import CacheEngine, Site
 
 VAE_SCALE = 8  # FLUX's autoencoder downsamples by 8, and latents are packed in 2x2 patches
-
-
-def _zeros_like_linear(linear: nn.Linear):
-    """Stand-in for a linear that feeds only a skipped site: (B, 1, out_features) zeros."""
-
-    def stand_in(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return x.new_zeros(x.shape[0], 1, linear.out_features)
-
-    return stand_in
-
-
-class _JointAttention:
-    """Packs a double block's attention output (image, text) as one tensor, text tokens first, and back."""
-
-    def __init__(self) -> None:
-        self.text_tokens: Optional[int] = None
-
-    def unpack(self, out: tuple) -> Tensor:
-        image, text = out[0], out[1]
-        self.text_tokens = text.shape[1]
-        return torch.cat([text, image], dim=1)
-
-    def pack(self, value: Tensor) -> tuple[Tensor, Tensor]:
-        return value[:, self.text_tokens:], value[:, : self.text_tokens]
 
 
 @register_adapter("flux")
@@ -121,25 +94,7 @@ class FluxAdapter(Adapter):
 
     # -- cache sites -----------------------------------------------------------------------------------------
     def sites(self) -> list[Site]:
-        sites = []
-        double, single = self.transformer.transformer_blocks, self.transformer.single_transformer_blocks
-        L = len(double) + len(single)
-        for i, block in enumerate(double):
-            joint = _JointAttention()
-            sites.append(Site(f"blocks.{i}.attn", "attn", block.attn, unpack=joint.unpack, pack=joint.pack,
-                              layer=(i, L), feeders=((block.norm1.norm, first_token),
-                                                     (block.norm1_context.norm, first_token))))
-            sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True,
-                              feeders=((block.norm2, first_token),)))
-            sites.append(Site(f"blocks.{i}.mlp_context", "mlp", block.ff_context, layer=(i, L), tokenwise=True,
-                              feeders=((block.norm2_context, first_token),)))
-        for j, block in enumerate(single):
-            i = len(double) + j
-            sites.append(Site(f"single_blocks.{j}.fused", "fused", block.proj_out, layer=(i, L),
-                              feeders=((block.norm.norm, first_token), (block.attn, first_token),
-                                       (block.proj_mlp, _zeros_like_linear(block.proj_mlp)))))
-        sites.append(Site("model", "model", self.transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
-        return sites
+        return mmdit_sites(self.transformer, text_first=True)  # FLUX blocks return (text, image)
 
     # -- sampling --------------------------------------------------------------------------------------------
     def _latent_side(self) -> int:

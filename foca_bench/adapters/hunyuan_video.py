@@ -1,0 +1,207 @@
+"""HunyuanVideo adapter (Kong et al., arXiv:2412.03603): diffusers `HunyuanVideoTransformer3DModel` with
+HunyuanVideoPipeline's flow-matching sampling loop, for the paper's Table 2 (text-to-video, VBench).
+
+Cache sites: the MMDiT map of `adapters/mmdit.py`, as for FLUX (double-block joint attention and feed-forwards,
+single-block fused outputs, block residual stacks for TeaCache and Δ-DiT, the whole model). Unlike FLUX,
+HunyuanVideo's blocks return `(hidden_states, encoder_hidden_states)`: the image stream first; and a single
+block's attention returns an (image, text) pair, so its skipped-step stand-in is a pair too.
+
+HunyuanVideo is guidance-distilled (embedded guidance 6.0, scaled by 1000 as the pipeline does). With
+`model.true_cfg_scale > 1` every step also runs an unconditional pass on `model.negative_prompt`, in its own cache
+context (`uncond`; the conditional pass is `cond`), so a caching method keeps separate histories for the two.
+Prompts are LLaVA-Llama-3 + CLIP embeddings from the pipeline's text encoders (`model.weights=pretrained`), or
+seeded random embeddings of the same shapes, with a seeded prompt length behind the attention mask, for `random`
+and `meta` weights.
+"""
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from foca_bench.adapters import register_adapter
+from foca_bench.adapters.base import Adapter, MissingWeightsError
+from foca_bench.adapters.mmdit import mmdit_sites
+from foca_bench.hooks import CacheEngine, Site
+
+SPATIAL, TEMPORAL = 8, 4  # HunyuanVideo's causal 3D VAE: 8x8 spatial, 4x temporal compression
+
+
+def _no_joint_attention(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """Stand-in for a single block's attention when its fused output is skipped: a (B, 1, D) image part and an
+    empty text part, which concatenate with the (B, 1, mlp) stand-in of the MLP branch."""
+    text = kwargs["encoder_hidden_states"]  # (B, <=1, D): the text slice of the first-token stand-in
+    return text.new_zeros(text.shape[0], 1, text.shape[2]), text[:, :0]
+
+
+@register_adapter("hunyuan_video")
+class HunyuanVideoAdapter(Adapter):
+    video = True
+
+    def __init__(self, cfg: Any, device: str) -> None:
+        super().__init__(cfg, device)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = self._load_transformer().eval().requires_grad_(False)
+        self.transformer.to(dtype=self.dtype)  # also on the meta device, where the patch conv checks dtypes
+        if self.device.type != "meta":
+            self.transformer.to(self.device)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
+        self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
+        self.vae = self.pipeline.vae if self.pipeline is not None else (
+            self._random_vae() if cfg.weights == "random" else None)
+        self.prompts: list[str] = []  # set by a text benchmark; labels index it
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def _location(self) -> str:
+        return str(self.cfg.path or self.cfg.hub_id)
+
+    def _load_transformer(self) -> nn.Module:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        arch = dict(self.cfg.arch)
+        if "rope_axes_dim" in arch:
+            arch["rope_axes_dim"] = tuple(arch["rope_axes_dim"])
+        if self.cfg.weights == "meta":
+            with torch.device("meta"):
+                return HunyuanVideoTransformer3DModel(**arch)
+        if self.cfg.weights == "random":
+            torch.manual_seed(0)
+            return HunyuanVideoTransformer3DModel(**arch)
+        try:
+            return HunyuanVideoTransformer3DModel.from_pretrained(self._location(), subfolder="transformer",
+                                                                  torch_dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing("transformer") from err
+
+    def _load_pipeline(self) -> Any:
+        """Text encoders, tokenizers and VAE of HunyuanVideoPipeline around our transformer."""
+        from diffusers import HunyuanVideoPipeline
+
+        try:
+            pipe = HunyuanVideoPipeline.from_pretrained(self._location(), transformer=self.transformer,
+                                                        torch_dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
+        pipe.vae.enable_tiling()  # as HunyuanVideo's own sampler does: full-size decode needs tens of GB otherwise
+        return pipe.to(self.device)
+
+    def _random_vae(self) -> nn.Module:
+        """A small random AutoencoderKLHunyuanVideo with the real latent interface (16 channels, 8x spatial and 4x
+        causal temporal compression, its scaling factor), so random-weight runs decode to videos."""
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        torch.manual_seed(1)
+        vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                        norm_num_groups=4, spatial_compression_ratio=SPATIAL,
+                                        temporal_compression_ratio=TEMPORAL)
+        return vae.eval().requires_grad_(False).to(self.device, self.dtype)
+
+    def _missing(self, part: str) -> MissingWeightsError:
+        return MissingWeightsError(
+            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part} under "
+            f"'{self._location()}'. Download {self.cfg.hub_id} where you have network and set "
+            "model.path=/path/to/copy (a diffusers folder holding transformer/, vae/, text_encoder/, "
+            f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/), e.g. `python run.py model={self.cfg.name} "
+            "model.path=/data/HunyuanVideo`. `profile=flops_only` needs no weights.")
+
+    # -- cache sites -----------------------------------------------------------------------------------------
+    def sites(self) -> list[Site]:
+        # HunyuanVideo blocks return (image, text); a single block's attention returns an (image, text) pair
+        return mmdit_sites(self.transformer, text_first=False, single_attention_stand_in=_no_joint_attention)
+
+    # -- sampling --------------------------------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(channels, latent frames, latent height, latent width) of one video."""
+        return (self.transformer.config.in_channels, (self.cfg.frames - 1) // TEMPORAL + 1,
+                self.cfg.resolution // SPATIAL, self.cfg.width // SPATIAL)
+
+    def make_noise(self, seeds: list[int]) -> Tensor:
+        shape = self.latent_shape()
+        if self.device.type == "meta":
+            return torch.empty((len(seeds), *shape), device="meta", dtype=torch.float32)
+        noise = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.cat(noise).to(self.device)  # (B, C, F, H, W) float32, as the pipeline keeps its latents
+
+    def _random_prompt(self, keys: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Seeded random (embeds (B, T, text_dim), mask (B, T), pooled (B, pooled_dim)), one generator per prompt
+        index; each prompt gets a seeded length in [T/2, T], so the attention mask is exercised."""
+        arch, T = self.transformer.config, self.cfg.text_tokens
+        gens = [torch.Generator().manual_seed(10_000 + k) for k in keys]
+        embeds = torch.stack([torch.randn(T, arch.text_embed_dim, generator=g) for g in gens])
+        pooled = torch.stack([torch.randn(arch.pooled_projection_dim, generator=g) for g in gens])
+        lengths = [int(torch.randint(max(T // 2, 1), T + 1, (1,), generator=g)) for g in gens]
+        mask = torch.stack([torch.arange(T) < n for n in lengths]).float()
+        to = dict(device=self.device, dtype=self.dtype)
+        return embeds.to(**to), mask.to(**to), pooled.to(**to)
+
+    def _prompt_embeddings(self, labels: Tensor, negative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(prompt_embeds, attention mask, pooled) for the prompts `labels` index, or for the negative prompt."""
+        arch, B, T = self.transformer.config, len(labels), self.cfg.text_tokens
+        if self.device.type == "meta":
+            return (torch.empty(B, T, arch.text_embed_dim, device="meta", dtype=self.dtype),
+                    torch.ones(B, T, device="meta", dtype=self.dtype),
+                    torch.empty(B, arch.pooled_projection_dim, device="meta", dtype=self.dtype))
+        if self.pipeline is None:
+            return self._random_prompt([-1] * B if negative else [int(k) for k in labels])
+        if not negative and not self.prompts:
+            raise ValueError("HunyuanVideo generates from prompts: run it with a text benchmark (benchmark=vbench), "
+                             "which sets them.")
+        texts = [self.cfg.negative_prompt] * B if negative else [self.prompts[int(k)] for k in labels]
+        embeds, pooled, mask = self.pipeline.encode_prompt(texts, device=self.device, max_sequence_length=T)
+        return embeds.to(self.dtype), mask.to(self.dtype), pooled.to(self.dtype)
+
+    @torch.inference_mode()
+    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+        engine.reset()  # every generation starts from a clean cache
+        B = noise.shape[0]
+        cond = self._prompt_embeddings(labels)
+        true_cfg = float(self.cfg.true_cfg_scale)
+        uncond = self._prompt_embeddings(labels, negative=True) if true_cfg > 1 else None
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device="cpu")
+        guidance = (torch.full((B,), guidance_scale, device=self.device, dtype=self.dtype) * 1000.0
+                    if self.transformer.config.guidance_embeds else None)
+        x = noise
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
+            t_in = t.expand(B).to(self.device, x.dtype)
+
+            def velocity(prompt: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+                embeds, mask, pooled = prompt
+                return self.transformer(hidden_states=x.to(self.dtype), timestep=t_in, encoder_hidden_states=embeds,
+                                        encoder_attention_mask=mask, pooled_projections=pooled, guidance=guidance,
+                                        return_dict=False)[0]
+
+            with engine.step(i, float(t), len(timesteps)):
+                with engine.context("cond"):
+                    v = velocity(cond)
+                if uncond is not None:
+                    with engine.context("uncond"):
+                        v_uncond = velocity(uncond)
+                    v = v_uncond + true_cfg * (v - v_uncond)
+            x = self.scheduler.step(v, t, x, return_dict=False)[0]
+        return x
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (B, C, F', H', W') -> videos (B, 3, frames, H, W) in [0, 1]."""
+        if self.vae is None:
+            raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
+        vae = self.vae
+        video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return ((video.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    def provenance(self) -> dict:
+        return {
+            "pipeline": "diffusers HunyuanVideoPipeline loop (foca_bench/adapters/hunyuan_video.py)",
+            "scheduler": type(self.scheduler).__name__,
+            "scheduler_config": dict(self.scheduler.config),
+            "guidance": ("embedded (guidance-distilled, x1000)"
+                         + (f" + true CFG {self.cfg.true_cfg_scale} in separate cond/uncond passes"
+                            if self.cfg.true_cfg_scale > 1 else ", no CFG pass")),
+            "video": {"height": self.cfg.resolution, "width": self.cfg.width, "frames": self.cfg.frames},
+            "text_tokens": self.cfg.text_tokens,
+        }

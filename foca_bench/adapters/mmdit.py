@@ -1,0 +1,176 @@
+"""The cache-site map shared by the two-stream (MMDiT) models, FLUX (`adapters/flux.py`) and HunyuanVideo
+(`adapters/hunyuan_video.py`): double-stream blocks with separate image and text weights, then single-stream
+blocks over the concatenated tokens.
+
+Sites, as TaylorSeer's FLUX and HunyuanVideo codes cache them:
+- per double block: the joint attention output (one module call returns (image, text); cached as one tensor,
+  text tokens first) and the image and text feed-forward outputs, all before gating and the residual add;
+- per single block: its fused output (`proj_out` of the attention and MLP branches, before the gate);
+- the residual stacks of block-skipping methods: every block alone (`blocks.<i>`, i counting double then single
+  blocks; Δ-DiT) and all blocks together (`blocks`; TeaCache, whose signal is the first double block's modulated
+  image input, as TeaCache4FLUX and TeaCache4HunyuanVideo compute it). A block's state is its two streams as one
+  tensor, text tokens first, so a skipped block hands the next one both streams;
+- the whole model (`model`; reuse).
+
+On a skipped step the modules that only feed a skipped site (the pre-attention and pre-MLP LayerNorms, a single
+block's attention and MLP input projection) return cheap stand-ins instead of running.
+"""
+
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from foca_bench.hooks import Site, first_token
+
+
+def argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
+    """A block's argument passed either by position (HunyuanVideo's loop) or by name (FLUX's)."""
+    return args[position] if len(args) > position else kwargs[name]
+
+
+def zeros_like_linear(linear: nn.Linear) -> Callable[..., Tensor]:
+    """Stand-in for a linear that feeds only a skipped site: (B, 1, out_features) zeros."""
+
+    def stand_in(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x.new_zeros(x.shape[0], 1, linear.out_features)
+
+    return stand_in
+
+
+class JointAttention:
+    """Packs a double block's attention output (image, text) as one tensor, text tokens first, and back."""
+
+    def __init__(self) -> None:
+        self.text_tokens: Optional[int] = None
+
+    def unpack(self, out: tuple) -> Tensor:
+        image, text = out[0], out[1]
+        self.text_tokens = text.shape[1]
+        return torch.cat([text, image], dim=1)
+
+    def pack(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        return value[:, self.text_tokens:], value[:, : self.text_tokens]
+
+    def stream(self, which: str, text_first: bool) -> Callable[[Tensor], Tensor]:
+        """Selects the `image` or `text` part of a per-token vector over the attention's joint sequence, (B, S),
+        whose order is the processor's: text first for FLUX, image first for HunyuanVideo."""
+
+        def select(joint: Tensor) -> Tensor:
+            T = self.text_tokens
+            text, image = (joint[:, :T], joint[:, T:]) if text_first else (joint[:, -T:], joint[:, :-T])
+            return image if which == "image" else text
+
+        return select
+
+
+class TwoStreams:
+    """A block's state for a residual site: its (hidden_states, encoder_hidden_states) input and its output pair as
+    one tensor, text tokens first.
+
+    Args:
+        text_first: the block returns `(encoder_hidden_states, hidden_states)` (FLUX), not the reverse
+            (HunyuanVideo).
+    """
+
+    def __init__(self, text_first: bool) -> None:
+        self.text_first = text_first
+        self.text_tokens = 0
+
+    def read(self, args: tuple, kwargs: dict) -> Tensor:
+        image = argument(args, kwargs, 0, "hidden_states")
+        text = argument(args, kwargs, 1, "encoder_hidden_states")
+        self.text_tokens = text.shape[1]
+        return torch.cat([text, image], dim=1)  # (B, text + image tokens, D)
+
+    def unpack(self, out: tuple) -> Tensor:
+        text, image = (out[0], out[1]) if self.text_first else (out[1], out[0])
+        return torch.cat([text, image], dim=1)
+
+    def pack(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        text, image = value[:, : self.text_tokens], value[:, self.text_tokens:]
+        return (text, image) if self.text_first else (image, text)
+
+
+def _attention_received(attn: nn.Module) -> Callable[[Callable[..., Any], tuple, dict], tuple[Any, Tensor]]:
+    """ToCa's attention score s1 for a joint attention: runs the module with diffusers' `dispatch_attention_fn`
+    replaced, in its processor's module, by an explicit-softmax attention (same FLOPs as the fused kernel), and
+    returns, with the output, the attention each token of the joint sequence received: the head-mean softmax map
+    summed over queries, (B, tokens), in the processor's token order (FLUX: text first; HunyuanVideo: image
+    first). Masked keys (HunyuanVideo's prompt padding) receive nothing."""
+
+    def explicit(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                 scale: Optional[float] = None, captured: list = None, **_: Any) -> Tensor:
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, heads, S, d)
+        logits = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)  # (B, heads, S, S)
+        if attn_mask is not None:
+            logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                      else logits + attn_mask)
+        probs = logits.softmax(-1)
+        captured.append(probs.mean(1).sum(1))  # (B, S)
+        return (probs @ v).transpose(1, 2)  # (B, S, heads, d), as dispatch_attention_fn returns
+
+    def probe(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
+        namespace = sys.modules[type(attn.processor).__module__]
+        captured: list[Tensor] = []
+        original = namespace.dispatch_attention_fn
+        namespace.dispatch_attention_fn = lambda *a, **kw: explicit(*a, captured=captured, **kw)
+        try:
+            out = forward(*args, **kwargs)
+        finally:
+            namespace.dispatch_attention_fn = original
+        return out, captured[0]
+
+    return probe
+
+
+def _modulated_image_input(block: nn.Module) -> Callable[[tuple, dict], Tensor]:
+    """TeaCache's indicator: the first double block's adaLN-modulated image input to its attention."""
+
+    def signal(args: tuple, kwargs: dict) -> Tensor:
+        hidden, temb = argument(args, kwargs, 0, "hidden_states"), argument(args, kwargs, 2, "temb")
+        return block.norm1(hidden, emb=temb)[0]
+
+    return signal
+
+
+def mmdit_sites(transformer: nn.Module, text_first: bool,
+                single_attention_stand_in: Callable[..., Any] = first_token) -> list[Site]:
+    """Every cache site of a FLUX-shaped transformer (`transformer_blocks`, `single_transformer_blocks`).
+
+    Args:
+        transformer: the diffusers transformer.
+        text_first: its blocks return the text stream first.
+        single_attention_stand_in: what a single block's attention returns when its fused output is skipped.
+    """
+    sites = []
+    double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
+    L = len(double) + len(single)
+    for i, block in enumerate(double):
+        joint = JointAttention()
+        attn = f"blocks.{i}.attn"
+        sites.append(Site(attn, "attn", block.attn, unpack=joint.unpack, pack=joint.pack, layer=(i, L),
+                          feeders=((block.norm1.norm, first_token), (block.norm1_context.norm, first_token)),
+                          attention_probe=_attention_received(block.attn)))
+        sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True, scored_by=attn,
+                          score_tokens=joint.stream("image", text_first), feeders=((block.norm2, first_token),)))
+        sites.append(Site(f"blocks.{i}.mlp_context", "mlp", block.ff_context, layer=(i, L), tokenwise=True,
+                          scored_by=attn, score_tokens=joint.stream("text", text_first),
+                          feeders=((block.norm2_context, first_token),)))
+    for j, block in enumerate(single):
+        i = len(double) + j
+        sites.append(Site(f"single_blocks.{j}.fused", "fused", block.proj_out, layer=(i, L),
+                          feeders=((block.norm.norm, first_token), (block.attn, single_attention_stand_in),
+                                   (block.proj_mlp, zeros_like_linear(block.proj_mlp)))))
+    blocks = [*double, *single]
+    for i, block in enumerate(blocks):
+        streams = TwoStreams(text_first)
+        sites.append(Site(f"blocks.{i}", "block", block, residual=True, read=streams.read, unpack=streams.unpack,
+                          pack=streams.pack, layer=(i, L)))
+    streams = TwoStreams(text_first)
+    sites.append(Site("blocks", "blocks", blocks[0], residual=True, span=tuple(blocks[1:]), read=streams.read,
+                      unpack=streams.unpack, pack=streams.pack, signal=_modulated_image_input(double[0])))
+    # called with return_dict=False, so the model returns a 1-tuple
+    sites.append(Site("model", "model", transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
+    return sites
