@@ -46,9 +46,10 @@ class Site:
         unpack: module output -> the cached tensor (e.g. `out[0]` for a tuple output).
         pack: cached tensor -> module output.
         feeders: modules whose output only this site consumes (e.g. the LayerNorm + modulation in front of a
-            DiT block's attention), with a cheap stand-in for their output. On a forecast step their result
-            is dead, so the engine returns the stand-in instead of running them, as the official caching
-            codes do by not computing a skipped branch's input. Results are bit-identical (tested).
+            DiT block's attention), with a cheap stand-in for their output. On a forecast step, and on a
+            partial step for a site that is not token-wise, their result is dead, so the engine returns the
+            stand-in instead of running them, as the official caching codes do by not computing a skipped
+            branch's input. Results are bit-identical (tested).
         residual: the site is a residual stack of blocks (roles `blocks`, `block`): `module` is its first block
             and `span` the blocks after it. The cached value is the stack's residual (output minus input state,
             `unpack(output) - read(args, kwargs)`); on a forecast step the first block returns
@@ -166,7 +167,7 @@ class CacheEngine:
                     continue
                 self._install(site.module, self._wrap(site, site.module.forward), site.name)
                 for feeder, stand_in in site.feeders if self.elide_feeders else ():
-                    self._install(feeder, self._wrap_feeder(feeder.forward, stand_in), f"{site.name} feeder")
+                    self._install(feeder, self._wrap_feeder(site, feeder.forward, stand_in), f"{site.name} feeder")
         except BaseException:
             self.__exit__()  # leave no half-installed hooks behind
             raise
@@ -334,10 +335,15 @@ class CacheEngine:
         self.method.update(key, self._step, self.method.keep(key, residual))
         self._record(key, residual)
 
-    def _wrap_feeder(self, original: Callable[..., Any], stand_in: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_feeder(self, site: Site, original: Callable[..., Any],
+                     stand_in: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self._plan is not None and not self._plan.full and not self._plan.partial:
-                return stand_in(*args, **kwargs)  # its only consumer is not computed at this step
+            plan = self._plan
+            # its only consumer is not computed at this step: a forecast step, or a partial step at which only
+            # token-wise sites recompute tokens (a single block's attention and MLP input feed a fused output
+            # that a partial step reuses whole)
+            if plan is not None and not plan.full and not (plan.partial and site.tokenwise):
+                return stand_in(*args, **kwargs)
             return original(*args, **kwargs)
 
         return forward

@@ -69,6 +69,30 @@ def test_skipped_steps_run_no_attention_and_no_mlp(flux):
     assert calls == {k: engine.full_steps for k in calls} and engine.full_steps == 5
 
 
+def test_partial_steps_run_only_the_token_wise_mlps(flux):
+    """ToCa's partial steps recompute some tokens of the double blocks' MLPs; a single block's fused output is
+    reused whole there, so its attention and MLP input projection do not run (their FLOPs would be wasted)."""
+    double, single = flux.transformer.transformer_blocks[0], flux.transformer.single_transformer_blocks[0]
+    calls = {"ff": 0, "single_attn": 0, "single_mlp": 0}
+
+    def count(key):
+        def hook(module, args, out):
+            calls[key] += int(args[0].shape[1] > 1)
+        return hook
+
+    hooks = [double.ff.net[0].register_forward_hook(count("ff")),
+             single.attn.to_q.register_forward_hook(count("single_attn")),
+             single.proj_mlp.register_forward_hook(count("single_mlp"))]
+    try:
+        _, engine = generate(flux, {"name": "toca", "N": 3, "force_schedule": "interval", "fresh_ratio": 0.5})
+    finally:
+        for h in hooks:
+            h.remove()
+    partial = STEPS - engine.full_steps
+    assert engine.full_steps == 5 and calls["single_attn"] == calls["single_mlp"] == 5
+    assert calls["ff"] == 5 + partial  # the MLP runs on a share of its tokens at every partial step
+
+
 def test_joint_attention_site_packs_text_first_and_back(flux):
     site = next(s for s in flux.sites() if s.name == "blocks.0.attn")
     image, text = torch.randn(2, 16, 32), torch.randn(2, 8, 32)
