@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install env-imagereward demo test test-slow toy-model tables flops-dit flops-flux flops-hunyuan bench clean-results
+.PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables flops-dit flops-flux flops-hunyuan bench clean-results
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,22 @@ $(IR_ENV)/.installed: $(VENV)/.installed
 	$(IR_ENV)/bin/python -c "import ImageReward"
 	touch $@
 
+# VBench's own environment (benchmark=vbench): vbench 0.1.5 pins transformers==4.33.2, numpy<2 and timm<=1.0.12,
+# which conflict with diffusers' pipelines and open-clip-torch in .venv. An overlay venv like the one above;
+# setuptools<70 gives openai-clip its `pkg_resources`. `make test` builds it (about a minute): the VBench tests run
+# the real evaluator in it.
+VB_ENV := .envs/vbench
+env-vbench: $(VB_ENV)/.installed
+
+$(VB_ENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(VB_ENV)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))')" \
+		> $$($(VB_ENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_foca_main_venv.pth
+	$(VB_ENV)/bin/pip install --quiet "vbench==0.1.5" "transformers==4.33.2" "numpy==1.26.4" "timm==1.0.12" \
+		"setuptools<70"
+	$(VB_ENV)/bin/python -c "import vbench, clip, decord, cv2"
+	touch $@
+
 # The default job: full compute, FoCa (both slope readings and the BDF2-only ablation), TaylorSeer, FORA and
 # reuse at N=3 and N=5 on the embedded toy_dit (conf/experiment/toy_dit.yaml: one job per conf/row/toy_dit/*.yaml,
 # one process), then the Table-3-shaped table (Markdown + LaTeX) and the figures from the records.
@@ -38,7 +54,7 @@ demo: install
 	$(RUN) -m experiment=toy_dit
 	$(PY) -m foca_bench.tables
 
-test: install
+test: install env-vbench
 	$(PY) -m pytest -q
 
 test-slow: install

@@ -108,7 +108,7 @@ class BenchmarkConfig:
 
 # benchmark keys that do not define a run (dropped from its identity): how work is split and batched for metrics;
 # keys ending in `_path` (where reference files and metric weights are on this machine) are dropped too
-LOCAL_BENCHMARK_KEYS = ("shard", "num_shards", "metric_batch_size", "image_reward_env")
+LOCAL_BENCHMARK_KEYS = ("shard", "num_shards", "metric_batch_size", "image_reward_env", "vbench_env")
 
 
 @dataclass
@@ -171,6 +171,32 @@ class DrawBenchConfig(FileBenchmarkConfig):
     image_reward_path: Optional[str] = None
     image_reward_med_config_path: Optional[str] = None
     image_reward_env: Optional[str] = None
+
+
+@dataclass
+class VBenchConfig(FileBenchmarkConfig):
+    """`benchmark=vbench`: VBench's prompt suite (Huang et al., arXiv:2311.17982) on a text-to-video model.
+
+    Attributes:
+        videos_per_prompt: videos per prompt (VBench's standard: 5; sample i is prompt i // videos_per_prompt).
+        dimensions: the VBench dimensions to evaluate (the total score needs all 16).
+        fps: frame rate written into the mp4 files.
+        prompts_path: VBench's full-info JSON; null: `VBench_full_info.json` of the vbench package in `vbench_env`.
+        vbench_cache_path: VBench's weight folder; null: $VBENCH_CACHE_DIR, else ~/.cache/vbench.
+        vbench_env: the overlay environment the VBench worker runs in (null: `.envs/vbench`).
+    """
+
+    name: str = "vbench"
+    batch_size: int = 1
+    videos_per_prompt: int = 5
+    dimensions: List[str] = field(default_factory=lambda: [
+        "subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+        "aesthetic_quality", "imaging_quality", "dynamic_degree", "object_class", "multiple_objects", "human_action",
+        "color", "spatial_relationship", "scene", "appearance_style", "temporal_style", "overall_consistency"])
+    fps: int = 24
+    prompts_path: Optional[str] = None
+    vbench_cache_path: Optional[str] = None
+    vbench_env: Optional[str] = None
 
 
 @dataclass
@@ -259,6 +285,7 @@ def register_schemas() -> None:
     cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
     cs.store(group="benchmark", name="drawbench_schema", node=DrawBenchConfig)
     cs.store(group="benchmark", name="div8k_schema", node=Div8KConfig)
+    cs.store(group="benchmark", name="vbench_schema", node=VBenchConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 

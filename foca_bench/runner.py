@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -376,13 +375,13 @@ def _score_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, 
     record["metrics"] = benchmark.evaluate(store, device)
     seeds = [s.seed for s in store.samples]
     record["samples"] = {"count": len(store.samples), "seeds": [seeds[0], seeds[-1]], "seed_rule": "seed + index",
-                         "folder": str(store.root), "npz": str(store.npz), "steps": cfg.sampler.steps,
+                         "folder": str(store.root), "npz": str(store.npz) if store.packs_npz else None,
+                         "steps": cfg.sampler.steps,
                          "full_steps": next((p.get("full_steps") for p in shards if p.get("full_steps")), None),
                          "shards": shards}
     record["timing"] = {"generation_s": sum(p["generation_s"] for p in shards), "evaluation_s":
                         time.perf_counter() - t0}
-    first = torch.from_numpy(np.stack([store.read(s) for s in store.samples[:16]])).permute(0, 3, 1, 2) / 255
-    _save_grid(first, path.with_suffix(".png"), nrow=8)  # the first 16 samples, beside the record
+    _save_grid(benchmark.preview(store), path.with_suffix(".png"), nrow=8)  # the first samples, beside the record
     record["sample_grid"] = str(path.with_suffix(".png"))
     peaks = [p["cache_bytes_peak"] for p in shards if p.get("cache_bytes_peak") is not None]
     record["memory"] = {"cache_bytes_peak": max(peaks, default=None), "batch_size": cfg.benchmark.batch_size,

@@ -89,6 +89,41 @@ def read_png(path: Path) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def write_mp4(path: Path, video: np.ndarray, fps: int) -> None:
+    """One (F, H, W, 3) uint8 video as lossless RGB H.264 (`libx264rgb -qp 0`, ffmpeg from imageio-ffmpeg),
+    atomically. VBench's readers (decord, OpenCV) decode it to the exact frames (tested)."""
+    import imageio_ffmpeg
+
+    F, H, W, _ = video.shape
+
+    def write(tmp: Path) -> None:
+        writer = imageio_ffmpeg.write_frames(str(tmp), (W, H), fps=fps, codec="libx264rgb", pix_fmt_out="rgb24",
+                                             output_params=["-qp", "0", "-f", "mp4"], macro_block_size=1,
+                                             ffmpeg_log_level="error")
+        writer.send(None)
+        for frame in video:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+
+    atomic_write(path, write)
+
+
+def read_mp4(path: Path) -> np.ndarray:
+    """(F, H, W, 3) uint8; raises on a truncated or corrupt file (ffmpeg fails or yields no frame)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    try:
+        meta = next(reader)
+        W, H = meta["size"]
+        frames = [np.frombuffer(f, np.uint8).reshape(H, W, 3) for f in reader]
+    finally:
+        reader.close()
+    if not frames:
+        raise ValueError(f"{path} decodes to no frames")
+    return np.stack(frames)
+
+
 class IncompleteSamples(RuntimeError):
     """Some samples of a folder are missing or unreadable; `missing` lists their indices."""
 
@@ -112,8 +147,16 @@ class SampleStore:
         self.samples = list(samples)
         self.shape = shape
 
+    packs_npz = True  # image folders pack `samples.npz`; a video folder is its own manifest (VBench reads the files)
+
     def path(self, sample: Sample) -> Path:
         return self.root / f"{sample.index:06d}.png"
+
+    def write_file(self, path: Path, array: np.ndarray) -> None:
+        write_png(path, array)
+
+    def read_file(self, path: Path) -> np.ndarray:
+        return read_png(path)
 
     @property
     def npz(self) -> Path:
@@ -124,7 +167,7 @@ class SampleStore:
         return self.root / "DONE"
 
     def read(self, sample: Sample) -> np.ndarray:
-        array = read_png(self.path(sample))
+        array = self.read_file(self.path(sample))
         if self.shape is not None and tuple(array.shape) != tuple(self.shape):
             raise ValueError(f"{self.path(sample)} has shape {tuple(array.shape)}, expected {tuple(self.shape)}")
         return array
@@ -153,7 +196,7 @@ class SampleStore:
         written = 0
         for j, i in enumerate(indices):
             if only is None or i in only:
-                write_png(self.path(self.samples[i]), images[j])
+                self.write_file(self.path(self.samples[i]), images[j])
                 written += 1
         return written
 
@@ -162,11 +205,12 @@ class SampleStore:
         return [s.index for s in self.samples if not self.valid(s)]
 
     def complete(self) -> bool:
-        return self.done.is_file() and self.npz.is_file()
+        return self.done.is_file() and (self.npz.is_file() or not self.packs_npz)
 
     def pack(self) -> Path:
         """Packs every sample into `samples.npz` (`arr_0`: (N, H, W, C) uint8 in index order; `labels` when the
-        benchmark has classes), then writes `DONE` with a manifest; every file is read once.
+        benchmark has classes; skipped for video folders), then writes `DONE` with a manifest; every file is read
+        once.
 
         Raises:
             IncompleteSamples: some sample is missing or unreadable (nothing is written).
@@ -175,18 +219,20 @@ class SampleStore:
         missing = [s.index for s, a in zip(self.samples, arrays) if a is None]
         if missing:
             raise IncompleteSamples(missing, len(self.samples), self.root)
-        arrays = np.stack(arrays)
-        extra = {"labels": np.array([s.label for s in self.samples])} if self.samples[0].label >= 0 else {}
+        shape = list(arrays[0].shape)
+        if self.packs_npz:
+            arrays = np.stack(arrays)
+            extra = {"labels": np.array([s.label for s in self.samples])} if self.samples[0].label >= 0 else {}
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=arrays, **extra)
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:
+                    np.savez(f, arr_0=arrays, **extra)
 
-        atomic_write(self.npz, write)
-        atomic_write_json(self.done, {"count": len(self.samples), "shape": list(arrays.shape[1:]),
+            atomic_write(self.npz, write)
+        atomic_write_json(self.done, {"count": len(self.samples), "shape": shape,
                                       "packed_by": {"host": socket.gethostname(), "pid": os.getpid()},
                                       "time": time.time(), "files": [self.path(s).name for s in self.samples]})
-        return self.npz
+        return self.npz if self.packs_npz else self.done
 
     def write_progress(self, shard: int, num_shards: int, info: dict) -> None:
         """A shard's account of its work (`shard-<s>-of-<k>.json`), merged into the record."""
@@ -201,3 +247,36 @@ class SampleStore:
                 continue
         return out
 
+
+
+class VideoStore(SampleStore):
+    """A video benchmark's folder: one lossless mp4 per sample in `videos/`, named as VBench's
+    evaluator expects, `<prompt>-<k>.mp4` for the k-th video of a prompt (sample index `i`: prompt `i // per_prompt`, k = `i %
+    per_prompt`). `DONE` lists the files; there is no npz.
+
+    Args:
+        per_prompt: videos per prompt (VBench: 5).
+        fps: frame rate written into the files.
+        shape: expected (frames, H, W, 3), checked on read.
+    """
+
+    packs_npz = False
+
+    def __init__(self, root: Path, samples: Sequence[Sample], per_prompt: int, fps: int,
+                 shape: Optional[tuple[int, ...]] = None) -> None:
+        super().__init__(root, samples, shape)
+        self.per_prompt, self.fps = per_prompt, fps
+
+    @property
+    def videos(self) -> Path:
+        """The folder of the mp4 files alone: VBench takes the suffix of whatever file it lists first."""
+        return self.root / "videos"
+
+    def path(self, sample: Sample) -> Path:
+        return self.videos / f"{sample.prompt}-{sample.index % self.per_prompt}.mp4"
+
+    def write_file(self, path: Path, array: np.ndarray) -> None:
+        write_mp4(path, array, self.fps)
+
+    def read_file(self, path: Path) -> np.ndarray:
+        return read_mp4(path)

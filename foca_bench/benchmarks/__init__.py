@@ -89,6 +89,13 @@ class FileBenchmark:
 
         return to_uint8(images)
 
+    def preview(self, store: SampleStore) -> Any:
+        """The first 16 samples as (N, C, H, W) in [0, 1], for the grid saved beside the record."""
+        import torch
+
+        first = np.stack([store.read(s) for s in store.samples[:16]])
+        return torch.from_numpy(first).permute(0, 3, 1, 2) / 255
+
     def evaluate(self, store: SampleStore, device: str) -> dict:
         raise NotImplementedError
 
@@ -97,3 +104,4 @@ from foca_bench.benchmarks import toy_fid  # noqa: E402,F401  (registers on impo
 from foca_bench.benchmarks import imagenet_fid  # noqa: E402,F401
 from foca_bench.benchmarks import drawbench  # noqa: E402,F401
 from foca_bench.benchmarks import div8k  # noqa: E402,F401
+from foca_bench.benchmarks import vbench  # noqa: E402,F401

@@ -1,0 +1,99 @@
+"""`benchmark=vbench`: VBench (Huang et al., arXiv:2311.17982) on a text-to-video model, the paper's Table 2.
+
+The prompts are VBench's own full-info list (`VBench_full_info.json`, shipped in the vbench package), in file
+order, keeping each prompt once and only the prompts tagged with a requested dimension (all 16: 944 prompts).
+Sample i is video `i % videos_per_prompt` of prompt `i // videos_per_prompt`, seed `seed + i`, written as
+`videos/<prompt>-<k>.mp4` (lossless RGB H.264), the names VBench's standard mode looks for. The evaluator runs in
+its own environment (`evaluation/vbench_score.py`); the record keeps each dimension's raw score and VBench's
+quality, semantic and total scores (percent) when every dimension of a group was evaluated.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation import metric
+from evaluation.vbench_score import DIMENSIONS, WEIGHTS, cache_dir, env_python, package_file, run_vbench, total_score
+from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
+from foca_bench.samples import Sample, VideoStore
+
+
+@register_benchmark("vbench")
+class VBench(FileBenchmark):
+    def preflight(self) -> None:
+        unknown = set(self.cfg.dimensions) - set(DIMENSIONS)
+        if unknown or not self.cfg.dimensions:
+            raise ValueError(f"benchmark.dimensions has {sorted(unknown) or 'nothing'}; choose from {list(DIMENSIONS)}.")
+        how = "See datasets/vbench.md."
+        if not env_python(self.cfg.vbench_env).is_file():
+            raise MissingFileError(f"The VBench environment is not installed ({env_python(self.cfg.vbench_env)} is "
+                                   "missing): run `make env-vbench` (nothing was generated).")
+        path = self.cfg.prompts_path or str(package_file("VBench_full_info.json", self.cfg.vbench_env))
+        self.info = json.loads(require_file(path, "VBench's prompt list (VBench_full_info.json)", "prompts_path",
+                                            how).read_text())
+        self.weights = cache_dir(self.cfg.vbench_cache_path)
+        for dim in self.cfg.dimensions:
+            for rel in WEIGHTS[dim]:
+                target = self.weights / rel
+                if not (target.is_dir() if rel.endswith("/") else target.is_file()):
+                    raise MissingFileError(
+                        f"VBench's `{dim}` needs {target}, which does not exist. {how} Put VBench's weights under "
+                        "one folder in its layout and set benchmark.vbench_cache_path=/path/to/it (or "
+                        "VBENCH_CACHE_DIR), or leave the dimension out of benchmark.dimensions (nothing was "
+                        "generated).")
+        wanted = set(self.cfg.dimensions)
+        self.entries = [e for e in self.info if wanted & set(e["dimension"])]
+        self.prompts = list(dict.fromkeys(e["prompt_en"] for e in self.entries))  # first occurrence order
+
+    def all_samples(self) -> list[Sample]:
+        k = self.cfg.videos_per_prompt
+        return [Sample(index=i, seed=self.cfg.seed + i, label=i // k, prompt=self.prompts[i // k])
+                for i in range(k * len(self.prompts))]
+
+    def samples(self) -> list[Sample]:
+        """`benchmark.limit` keeps whole prompts (all their videos), so every evaluated prompt has its set."""
+        items = self.all_samples()
+        if not self.cfg.limit:
+            return items
+        k = self.cfg.videos_per_prompt
+        return items[: -(-self.cfg.limit // k) * k]
+
+    def prepare(self, adapter: Any) -> None:
+        if not getattr(adapter, "video", False):
+            raise ValueError(f"benchmark=vbench needs a text-to-video model; model={self.model_cfg.name} generates "
+                             "images. Use model=hunyuan_video.")
+        adapter.prompts = self.prompts  # sample labels index this list
+
+    def store(self, root: Path) -> VideoStore:
+        m = self.model_cfg
+        shape = (m.frames, m.resolution, m.width, 3) if "frames" in m else None
+        return VideoStore(root, self.samples(), self.cfg.videos_per_prompt, self.cfg.fps, shape)
+
+    def to_files(self, videos: Any) -> np.ndarray:
+        """Videos (B, 3, F, H, W) in [0, 1] -> (B, F, H, W, 3) uint8."""
+        return videos.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+
+    def preview(self, store: VideoStore) -> torch.Tensor:
+        """Eight evenly spaced frames of each of the first four videos, one row per video."""
+        rows = []
+        for sample in store.samples[:4]:
+            video = store.read(sample)  # (F, H, W, 3)
+            rows.append(torch.from_numpy(video[np.linspace(0, len(video) - 1, 8).round().astype(int)]))
+        return torch.cat(rows).permute(0, 3, 1, 2) / 255
+
+    def evaluate(self, store: VideoStore, device: str) -> dict:
+        generated = {s.prompt for s in store.samples}
+        info = [e for e in self.entries if e["prompt_en"] in generated]
+        dims = [d for d in self.cfg.dimensions if any(d in e["dimension"] for e in info)]
+        work = store.root / "vbench"
+        results = run_vbench(store.videos, info, dims, work, self.weights, device, self.cfg.vbench_env)
+        shutil.rmtree(work, ignore_errors=True)
+        scores = {d: results[d]["score"] for d in dims}
+        out = {d: metric(v, higher_is_better=True) for d, v in scores.items()}
+        for name, value in total_score(scores).items():
+            out[name] = metric(value, higher_is_better=True)
+        return out
