@@ -7,8 +7,6 @@ FID-50k/IS. Toy-model numbers: not comparable to the paper's ImageNet values.
 
 import torch
 from torch import Tensor
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
 
 from evaluation import metric
 from foca_bench.digit_classifier import DigitClassifier, FeatureView
@@ -26,6 +24,9 @@ def digit_metrics(fake: Tensor, labels: Tensor, real: Tensor, classifier: DigitC
     Returns:
         fid (lower is better), is (higher), class_acc (higher).
     """
+    from torchmetrics.image.fid import FrechetInceptionDistance  # imported here: torchmetrics takes seconds
+    from torchmetrics.image.inception import InceptionScore
+
     fid = FrechetInceptionDistance(feature=FeatureView(classifier, "features"), reset_real_features=True)
     splits = 10 if len(fake) >= 100 else 1
     inception = InceptionScore(feature=FeatureView(classifier, "logits"), splits=splits)

@@ -2,7 +2,6 @@
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from evaluation import metric
 
@@ -15,6 +14,8 @@ def fidelity(images: Tensor, reference: Tensor) -> dict:
     Returns:
         psnr (dB, None when identical), ssim, rel_l2 (mean over samples of ||x - ref|| / ||ref||).
     """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     if images.shape != reference.shape:
         raise ValueError(f"images {tuple(images.shape)} and reference {tuple(reference.shape)} differ in shape.")
     images, reference = images.double(), reference.double()

@@ -8,7 +8,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
 from evaluation import metric
@@ -22,6 +21,8 @@ def psnr_ssim(pairs: Iterable[tuple[np.ndarray, np.ndarray]], total: int) -> dic
     Returns:
         psnr (dB, mean over images; an exact image counts as 100 dB), ssim (mean).
     """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
     psnrs, ssims = [], []
     for out, gt in tqdm(pairs, total=total, desc="<psnr/ssim> scoring", unit="image"):
         if out.shape != gt.shape:

@@ -1,6 +1,7 @@
 """The adapter interface: load a model, list its cache sites, and generate with a caching engine."""
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -42,6 +43,18 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images (B, C, H, W) in [0, 1]."""
+
+    @staticmethod
+    def has_local_weights(location: str, subfolder: str) -> bool:
+        """Whether `location` (a folder, else a hub id in the local Hugging Face cache) holds
+        `<subfolder>/config.json`, checked without importing diffusers (whose import alone takes seconds), so a
+        run without weights fails fast."""
+        folder = Path(location).expanduser()
+        if folder.is_dir() or location.startswith((".", "/", "~")) or location.count("/") != 1:
+            return (folder / subfolder / "config.json").is_file()
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(location, f"{subfolder}/config.json"), str)
 
     def provenance(self) -> dict:
         """Sampler facts that change numbers (scheduler, guidance convention, TF32...), stored in records."""

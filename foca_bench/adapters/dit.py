@@ -66,9 +66,9 @@ def _attention_received(attn: nn.Module):
 class DiTAdapter(Adapter):
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)
+        self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
         from diffusers import DDIMScheduler
 
-        self.transformer = self._load_transformer().eval().requires_grad_(False)
         if self.device.type != "meta":
             self.transformer.to(self.device)
         if self.dtype != self.transformer.dtype:
@@ -89,6 +89,9 @@ class DiTAdapter(Adapter):
         return str(self.cfg.hub_id)
 
     def _load_transformer(self) -> torch.nn.Module:
+        location = self._weights_location()
+        if self.cfg.weights == "pretrained" and not self.has_local_weights(location, "transformer"):
+            raise self._missing(location, "transformer")
         from diffusers import DiTTransformer2DModel
 
         if self.cfg.weights == "meta":
@@ -97,7 +100,6 @@ class DiTAdapter(Adapter):
         if self.cfg.weights == "random":
             torch.manual_seed(0)
             return DiTTransformer2DModel(**self.cfg.arch)
-        location = self._weights_location()
         try:
             return DiTTransformer2DModel.from_pretrained(location, subfolder="transformer", local_files_only=True)
         except (OSError, ValueError) as err:

@@ -28,9 +28,9 @@ VAE_SCALE = 8  # FLUX's autoencoder downsamples by 8, and latents are packed in 
 class FluxAdapter(Adapter):
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)
+        self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.transformer = self._load_transformer().eval().requires_grad_(False)
         if self.device.type != "meta":
             self.transformer.to(self.device, self.dtype)
         self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
@@ -44,6 +44,8 @@ class FluxAdapter(Adapter):
         return str(self.cfg.path or self.cfg.hub_id)
 
     def _load_transformer(self) -> nn.Module:
+        if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
+            raise self._missing("transformer")
         from diffusers import FluxTransformer2DModel
 
         arch = dict(self.cfg.arch)

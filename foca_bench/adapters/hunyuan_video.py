@@ -42,9 +42,9 @@ class HunyuanVideoAdapter(Adapter):
 
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)
+        self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.transformer = self._load_transformer().eval().requires_grad_(False)
         self.transformer.to(dtype=self.dtype)  # also on the meta device, where the patch conv checks dtypes
         if self.device.type != "meta":
             self.transformer.to(self.device)
@@ -59,6 +59,8 @@ class HunyuanVideoAdapter(Adapter):
         return str(self.cfg.path or self.cfg.hub_id)
 
     def _load_transformer(self) -> nn.Module:
+        if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
+            raise self._missing("transformer")
         from diffusers import HunyuanVideoTransformer3DModel
 
         arch = dict(self.cfg.arch)
