@@ -36,6 +36,8 @@ class ModelConfig:
             runs on a CPU in seconds.
         tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`); they win over
             command-line overrides of the same keys, so change a tiny value as `model.tiny.<key>=...`.
+        compile: a `torch.compile` backend (`inductor`) for the attention, MLP and fused modules of the cache
+            sites (`hooks.compile_sites`: the caching logic stays eager, nothing recompiles per step); null: eager.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
             pooled embeddings) once per generation instead of once per block and step; same values, same FLOPs,
             less per-step overhead for full and skipped steps alike. `false` computes them step by step.
@@ -58,6 +60,7 @@ class ModelConfig:
     text_tokens: int = 0
     size: str = "full"
     tiny: Dict[str, Any] = field(default_factory=dict)
+    compile: Optional[str] = None
 
 
 @dataclass

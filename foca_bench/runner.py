@@ -53,8 +53,18 @@ def get_adapter(model_cfg: DictConfig, device: str) -> Adapter:
     key = _key(OmegaConf.to_container(model_cfg, resolve=True), device)
     if key not in _ADAPTERS:
         log.info(f"Instantiating adapter <{model_cfg.name}> ({model_cfg.weights} weights) on {device}")
-        _ADAPTERS[key] = build_adapter(model_cfg, device)
+        adapter = build_adapter(model_cfg, device)
+        if model_cfg.get("compile") and model_cfg.weights != "meta":
+            from foca_bench.hooks import compile_sites
+
+            log.info(f"Compiling {compile_sites(adapter.sites(), model_cfg.compile)} site modules of "
+                     f"<{model_cfg.name}> with torch.compile(backend={model_cfg.compile})")
+        _ADAPTERS[key] = adapter
     return _ADAPTERS[key]
+
+
+MEMORY_NOTE = ("cache_bytes_peak: the feature cache the method held at its peak, per generation batch; "
+               "device_peak_bytes: the accelerator's peak allocated memory while generating (CUDA only)")
 
 
 def generate_batches(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torch.Tensor, seeds: list[int],
@@ -67,6 +77,9 @@ def generate_batches(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labe
     bytes when `measure_cache` (off in timed and FLOP-counted runs, which it would only slow) and the trace.
     """
     method = methods.build(cache)
+    cuda = measure_cache and adapter.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(adapter.device)
     with CacheEngine(method, adapter.sites(), trace=trace, measure_cache=measure_cache) as engine:
         for batch in tqdm(grid, desc=desc, disable=desc is None, unit="batch"):
             noise = adapter.make_noise([seeds[i] for i in batch])
@@ -77,6 +90,7 @@ def generate_batches(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labe
         stats["full_steps_per_generation"] = None if method.external else engine.full_steps
         if measure_cache:
             stats["cache_bytes_peak"] = None if method.external else engine.cache_bytes_peak
+            stats["device_peak_bytes"] = torch.cuda.max_memory_allocated(adapter.device) if cuda else None
         if trace:
             stats["trace"] = engine.trace_tensors()
 
@@ -188,6 +202,8 @@ def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
             config["cache"].pop(k, None)
     if config["cache"].get("dtype", "unset") is None:  # the default (the model's dtype): ids from before it stay
         config["cache"].pop("dtype")
+    if config["model"].get("compile", "unset") is None:  # eager, the default: likewise
+        config["model"].pop("compile")
     if not cfg.profile.benchmark:
         config.pop("benchmark", None)
     for key in list(config.get("benchmark", {})):  # where files are and how work is split change no sample
@@ -259,7 +275,7 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
                              "steps": cfg.sampler.steps}
         record["timing"] = {"generation_s": generation_s}
         record["memory"] = {"cache_bytes_peak": stats["cache_bytes_peak"], "batch_size": cfg.benchmark.batch_size,
-                            "note": "feature cache held by the method at its peak, per generation batch"}
+                            "device_peak_bytes": stats["device_peak_bytes"], "note": MEMORY_NOTE}
         grid = path.with_suffix(".png")
         _save_grid(images, grid, nrow=cfg.benchmark.samples_per_class)
         record["sample_grid"] = str(grid)
@@ -356,7 +372,8 @@ def _generate_shard(cfg: DictConfig, cache: CacheConfig, benchmark: Any, store: 
                                               desc=f"<{benchmark.name}: {cache.name}> shard {shard}/{num_shards}",
                                               measure_cache=True):
             info["generated"] += store.write(list(batch), benchmark.to_files(images), only=set(todo[batch.start]))
-        info.update(full_steps=stats["full_steps_per_generation"], cache_bytes_peak=stats["cache_bytes_peak"])
+        info.update(full_steps=stats["full_steps_per_generation"], cache_bytes_peak=stats["cache_bytes_peak"],
+                    device_peak_bytes=stats["device_peak_bytes"])
     info["generation_s"] = time.perf_counter() - t0
     store.write_progress(shard, num_shards, info)
 
@@ -383,9 +400,9 @@ def _score_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, 
                         time.perf_counter() - t0}
     _save_grid(benchmark.preview(store), path.with_suffix(".png"), nrow=8)  # the first samples, beside the record
     record["sample_grid"] = str(path.with_suffix(".png"))
-    peaks = [p["cache_bytes_peak"] for p in shards if p.get("cache_bytes_peak") is not None]
-    record["memory"] = {"cache_bytes_peak": max(peaks, default=None), "batch_size": cfg.benchmark.batch_size,
-                        "note": "feature cache held by the method at its peak, per generation batch"}
+    peak = {k: max([p[k] for p in shards if p.get(k) is not None], default=None)
+            for k in ("cache_bytes_peak", "device_peak_bytes")}
+    record["memory"] = {**peak, "batch_size": cfg.benchmark.batch_size, "note": MEMORY_NOTE}
     _finish(cfg, adapter, cache, record, path, rid, started)
     return record
 
