@@ -166,9 +166,10 @@ def test_block_residual_sites_keep_hunyuans_image_first_order(hunyuan):
     assert torch.equal(site.unpack((image, text)), state)
 
 
-def test_attention_probe_matches_the_fused_attention_and_ignores_masked_prompt_tokens(hunyuan):
+def test_attention_probe_matches_the_fused_attention_and_ignores_masked_prompt_tokens(hunyuan, monkeypatch):
     """The probe's explicit softmax gives the fused kernel's output, and its received-attention vector sums to
-    the number of queries, with nothing on the padded prompt tokens the mask hides."""
+    the number of queries, with nothing on the padded prompt tokens the mask hides; computed in chunks of queries
+    (which bounds its memory at HunyuanVideo's 20k tokens) it gives the same numbers."""
     sites = hunyuan.sites()
     site = next(s for s in sites if s.name == "blocks.0.attn")
     captured = {}
@@ -189,6 +190,13 @@ def test_attention_probe_matches_the_fused_attention_and_ignores_masked_prompt_t
     mask = kwargs["attention_mask"][:, 0, 0]  # (B, image + text tokens), HunyuanVideo's joint order
     assert received.shape == mask.shape and received[~mask].abs().max() == 0
     torch.testing.assert_close(received.sum(1), torch.full((1,), float(mask.shape[1])), rtol=1e-4, atol=1e-3)
+    from foca_bench.adapters import mmdit
+
+    monkeypatch.setattr(mmdit, "QUERY_CHUNK", 5)  # the map in chunks of 5 queries: the same numbers
+    chunked_out, chunked = site.attention_probe(site.module.forward, args, kwargs)
+    torch.testing.assert_close(chunked, received, rtol=1e-5, atol=1e-6)
+    for a, b in zip(chunked_out, out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     site.unpack(out)  # as the engine does at a full step: the joint attention learns the text length
     text = next(s for s in sites if s.name == "blocks.0.mlp_context").score_tokens(received)
     image = next(s for s in sites if s.name == "blocks.0.mlp").score_tokens(received)

@@ -1,7 +1,7 @@
 """Every model x every method, end to end: the paper's models on tiny random weights (`model.size=tiny`) and the
 embedded toy_dit as shipped (trained; random pixel-space weights make every cache look bad). The runner's
 generation loop (fresh engine state per batch, sampling, VAE decode) runs; the same seeds twice give identical
-outputs; the cached output stays near the uncached one, and the relative error is reported at the end of the test
+outputs; an interval method at N=1 equals `method=none` exactly; the cached output stays near the uncached one, and the relative error is reported at the end of the test
 session. Adding a model YAML with a `tiny` block or a method file extends this grid."""
 
 import pytest
@@ -55,6 +55,9 @@ def test_every_model_runs_every_method_end_to_end(adapters, model, method):
     assert torch.isfinite(images).all() and 0 <= images.min() and images.max() <= 1
     assert torch.equal(images, _images(adapter, cfg, cache))  # reset between generations: same seeds, same output
     reference = _images(adapter, *_config(model, "none"))
+    if not methods.get(method).schedule_free:  # an interval method computing every step is the uncached model
+        every = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", "cache.N=1")
+        assert torch.equal(_images(adapter, every, validate(every)), reference), f"{model} x {method} at N=1"
     rel = ((images - reference).norm() / reference.norm()).item()
     REPORTED.setdefault("relative error of the decoded output against method=none, "
                         f"{STEPS} steps (test_model_zoo)", {})[f"{model} x {method}"] = f"{rel:.4f}"

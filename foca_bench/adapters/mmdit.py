@@ -93,6 +93,9 @@ class TwoStreams:
         return (text, image) if self.text_first else (image, text)
 
 
+QUERY_CHUNK = 1024  # queries per chunk of the probe's explicit attention map
+
+
 def _attention_received(attn: nn.Module) -> Callable[[Callable[..., Any], tuple, dict], tuple[Any, Tensor]]:
     """ToCa's attention score s1 for a joint attention: runs the module with diffusers' `dispatch_attention_fn`
     replaced, in its processor's module, by an explicit-softmax attention (same FLOPs as the fused kernel), and
@@ -103,13 +106,19 @@ def _attention_received(attn: nn.Module) -> Callable[[Callable[..., Any], tuple,
     def explicit(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                  scale: Optional[float] = None, captured: list = None, **_: Any) -> Tensor:
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, heads, S, d)
-        logits = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)  # (B, heads, S, S)
-        if attn_mask is not None:
-            logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                      else logits + attn_mask)
-        probs = logits.softmax(-1)
-        captured.append(probs.mean(1).sum(1))  # (B, S)
-        return (probs @ v).transpose(1, 2)  # (B, S, heads, d), as dispatch_attention_fn returns
+        received = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+        out = []
+        # in chunks of queries, so the map never holds more than CHUNK x S per head (HunyuanVideo: S = 20656)
+        for start in range(0, q.shape[2], QUERY_CHUNK):
+            logits = q[:, :, start:start + QUERY_CHUNK] @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+            if attn_mask is not None:
+                logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                          else logits + attn_mask)
+            probs = logits.softmax(-1)  # (B, heads, chunk, S)
+            received += probs.float().mean(1).sum(1)
+            out.append(probs @ v)
+        captured.append(received)  # (B, S)
+        return torch.cat(out, dim=2).transpose(1, 2)  # (B, S, heads, d), as dispatch_attention_fn returns
 
     def probe(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
         namespace = sys.modules[type(attn.processor).__module__]
