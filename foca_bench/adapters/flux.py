@@ -9,7 +9,7 @@ T5/CLIP embeddings from the pipeline's text encoders (`model.weights=pretrained`
 the same shapes for `random` and `meta` weights (FLOPs and timing do not depend on their values).
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,62 +17,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from foca_bench.adapters import register_adapter
-from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.adapters.mmdit import mmdit_sites
-from foca_bench.hooks import CacheEngine, Site
+from foca_bench.adapters.mmdit import MMDiTAdapter
+from foca_bench.hooks import CacheEngine
 
 VAE_SCALE = 8  # FLUX's autoencoder downsamples by 8, and latents are packed in 2x2 patches
 
 
 @register_adapter("flux")
-class FluxAdapter(Adapter):
-    def __init__(self, cfg: Any, device: str) -> None:
-        super().__init__(cfg, device)
-        self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        if self.device.type != "meta":
-            self.transformer.to(self.device, self.dtype)
-        self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
-        self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
-        self.vae = self.pipeline.vae if self.pipeline is not None else (
-            self._random_vae() if cfg.weights == "random" else None)
-        self.prompts: list[str] = []  # set by a text benchmark; labels index it
-
-    # -- loading ---------------------------------------------------------------------------------------------
-    def _location(self) -> str:
-        return str(self.cfg.path or self.cfg.hub_id)
-
-    def _load_transformer(self) -> nn.Module:
-        if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
-            raise self._missing("transformer")
-        from diffusers import FluxTransformer2DModel
-
-        arch = dict(self.cfg.arch)
-        if "axes_dims_rope" in arch:
-            arch["axes_dims_rope"] = tuple(arch["axes_dims_rope"])
-        if self.cfg.weights == "meta":
-            with torch.device("meta"):
-                return FluxTransformer2DModel(**arch)
-        if self.cfg.weights == "random":
-            torch.manual_seed(0)
-            return FluxTransformer2DModel(**arch)
-        try:
-            return FluxTransformer2DModel.from_pretrained(self._location(), subfolder="transformer",
-                                                          torch_dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing("transformer") from err
-
-    def _load_pipeline(self) -> Any:
-        """Text encoders, tokenizers and VAE of FluxPipeline around our transformer."""
-        from diffusers import FluxPipeline
-
-        try:
-            pipe = FluxPipeline.from_pretrained(self._location(), transformer=self.transformer,
-                                                torch_dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
-        return pipe.to(self.device)
+class FluxAdapter(MMDiTAdapter):
+    transformer_class, pipeline_class = "FluxTransformer2DModel", "FluxPipeline"
+    tuple_arch_keys = ("axes_dims_rope",)
+    text_first = True  # FLUX's blocks return (text, image)
+    example_path = "/data/FLUX.1-dev"
 
     def _random_vae(self) -> nn.Module:
         """A small random AutoencoderKL with FLUX's latent interface (16 channels, 8x downsampling, its scaling and
@@ -85,18 +41,6 @@ class FluxAdapter(Adapter):
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             scaling_factor=0.3611, shift_factor=0.1159)
         return vae.eval().requires_grad_(False).to(self.device, self.dtype)
-
-    def _missing(self, part: str) -> MissingWeightsError:
-        return MissingWeightsError(
-            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part} under "
-            f"'{self._location()}'. Download {self.cfg.hub_id} where you have network and set "
-            "model.path=/path/to/copy (a diffusers folder holding transformer/, vae/, text_encoder/, "
-            f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/), e.g. `python run.py model={self.cfg.name} "
-            "model.path=/data/FLUX.1-dev`. `profile=flops_only` needs no weights.")
-
-    # -- cache sites -----------------------------------------------------------------------------------------
-    def sites(self) -> list[Site]:
-        return mmdit_sites(self.transformer, text_first=True)  # FLUX blocks return (text, image)
 
     # -- sampling --------------------------------------------------------------------------------------------
     def _latent_side(self) -> int:

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from foca_bench.adapters import register_adapter
-from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.adapters.mmdit import mmdit_sites
-from foca_bench.hooks import CacheEngine, Site
+from foca_bench.adapters.mmdit import MMDiTAdapter
+from foca_bench.hooks import CacheEngine
 
 SPATIAL, TEMPORAL = 8, 4  # HunyuanVideo's causal 3D VAE: 8x8 spatial, 4x temporal compression
 
@@ -37,58 +36,18 @@ def _no_joint_attention(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
 
 
 @register_adapter("hunyuan_video")
-class HunyuanVideoAdapter(Adapter):
+class HunyuanVideoAdapter(MMDiTAdapter):
     video = True
-
-    def __init__(self, cfg: Any, device: str) -> None:
-        super().__init__(cfg, device)
-        self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self.transformer.to(dtype=self.dtype)  # also on the meta device, where the patch conv checks dtypes
-        if self.device.type != "meta":
-            self.transformer.to(self.device)
-        self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
-        self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
-        self.vae = self.pipeline.vae if self.pipeline is not None else (
-            self._random_vae() if cfg.weights == "random" else None)
-        self.prompts: list[str] = []  # set by a text benchmark; labels index it
-
-    # -- loading ---------------------------------------------------------------------------------------------
-    def _location(self) -> str:
-        return str(self.cfg.path or self.cfg.hub_id)
-
-    def _load_transformer(self) -> nn.Module:
-        if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
-            raise self._missing("transformer")
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        arch = dict(self.cfg.arch)
-        if "rope_axes_dim" in arch:
-            arch["rope_axes_dim"] = tuple(arch["rope_axes_dim"])
-        if self.cfg.weights == "meta":
-            with torch.device("meta"):
-                return HunyuanVideoTransformer3DModel(**arch)
-        if self.cfg.weights == "random":
-            torch.manual_seed(0)
-            return HunyuanVideoTransformer3DModel(**arch)
-        try:
-            return HunyuanVideoTransformer3DModel.from_pretrained(self._location(), subfolder="transformer",
-                                                                  torch_dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing("transformer") from err
+    transformer_class, pipeline_class = "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline"
+    tuple_arch_keys = ("rope_axes_dim",)
+    text_first = False  # HunyuanVideo's blocks return (image, text)
+    single_attention_stand_in = staticmethod(_no_joint_attention)  # its single-block attention returns a pair
+    example_path = "/data/HunyuanVideo"
 
     def _load_pipeline(self) -> Any:
-        """Text encoders, tokenizers and VAE of HunyuanVideoPipeline around our transformer."""
-        from diffusers import HunyuanVideoPipeline
-
-        try:
-            pipe = HunyuanVideoPipeline.from_pretrained(self._location(), transformer=self.transformer,
-                                                        torch_dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
+        pipe = super()._load_pipeline()
         pipe.vae.enable_tiling()  # as HunyuanVideo's own sampler does: full-size decode needs tens of GB otherwise
-        return pipe.to(self.device)
+        return pipe
 
     def _random_vae(self) -> nn.Module:
         """A small random AutoencoderKLHunyuanVideo with the real latent interface (16 channels, 8x spatial and 4x
@@ -100,19 +59,6 @@ class HunyuanVideoAdapter(Adapter):
                                         norm_num_groups=4, spatial_compression_ratio=SPATIAL,
                                         temporal_compression_ratio=TEMPORAL)
         return vae.eval().requires_grad_(False).to(self.device, self.dtype)
-
-    def _missing(self, part: str) -> MissingWeightsError:
-        return MissingWeightsError(
-            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part} under "
-            f"'{self._location()}'. Download {self.cfg.hub_id} where you have network and set "
-            "model.path=/path/to/copy (a diffusers folder holding transformer/, vae/, text_encoder/, "
-            f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/), e.g. `python run.py model={self.cfg.name} "
-            "model.path=/data/HunyuanVideo`. `profile=flops_only` needs no weights.")
-
-    # -- cache sites -----------------------------------------------------------------------------------------
-    def sites(self) -> list[Site]:
-        # HunyuanVideo blocks return (image, text); a single block's attention returns an (image, text) pair
-        return mmdit_sites(self.transformer, text_first=False, single_attention_stand_in=_no_joint_attention)
 
     # -- sampling --------------------------------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -17,11 +17,12 @@ block's attention and MLP input projection) return cheap stand-ins instead of ru
 """
 
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
+from foca_bench.adapters.base import Adapter, MissingWeightsError
 from foca_bench.hooks import Site, first_token
 
 
@@ -183,3 +184,86 @@ def mmdit_sites(transformer: nn.Module, text_first: bool,
     # called with return_dict=False, so the model returns a 1-tuple
     sites.append(Site("model", "model", transformer, unpack=lambda out: out[0], pack=lambda v: (v,)))
     return sites
+
+
+class MMDiTAdapter(Adapter):
+    """What the FLUX and HunyuanVideo adapters share: loading the transformer (pretrained, random or meta) and the
+    pipeline's text encoders and VAE from one diffusers folder, the missing-weights message, and the site map.
+    Subclasses name their classes and write their sampling loop, noise, prompt embeddings and random VAE.
+
+    Class attributes:
+        transformer_class, pipeline_class: the diffusers class names.
+        tuple_arch_keys: `model.arch` keys the constructor wants as tuples.
+        text_first: the blocks return the text stream first.
+        single_attention_stand_in: a skipped single block's attention stand-in (`mmdit_sites`).
+        example_path: the folder name in the missing-weights message's example.
+    """
+
+    transformer_class: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    tuple_arch_keys: ClassVar[tuple[str, ...]] = ()
+    text_first: ClassVar[bool]
+    single_attention_stand_in: ClassVar[Callable[..., Any]] = staticmethod(first_token)
+    example_path: ClassVar[str]
+
+    def __init__(self, cfg: Any, device: str) -> None:
+        super().__init__(cfg, device)
+        self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer.to(dtype=self.dtype)  # also on the meta device, where a patch conv checks dtypes
+        if self.device.type != "meta":
+            self.transformer.to(self.device)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
+        self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
+        self.vae = self.pipeline.vae if self.pipeline is not None else (
+            self._random_vae() if cfg.weights == "random" else None)
+        self.prompts: list[str] = []  # set by a text benchmark; labels index it
+
+    def _location(self) -> str:
+        return str(self.cfg.path or self.cfg.hub_id)
+
+    def _load_transformer(self) -> nn.Module:
+        if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
+            raise self._missing("transformer")
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_class)
+        arch = {k: tuple(v) if k in self.tuple_arch_keys else v for k, v in self.cfg.arch.items()}
+        if self.cfg.weights == "meta":
+            with torch.device("meta"):
+                return cls(**arch)
+        if self.cfg.weights == "random":
+            torch.manual_seed(0)
+            return cls(**arch)
+        try:
+            return cls.from_pretrained(self._location(), subfolder="transformer", torch_dtype=self.dtype,
+                                       local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing("transformer") from err
+
+    def _load_pipeline(self) -> Any:
+        """Text encoders, tokenizers and VAE of the model's diffusers pipeline, around our transformer."""
+        import diffusers
+
+        try:
+            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
+                self._location(), transformer=self.transformer, torch_dtype=self.dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
+        return pipe.to(self.device)
+
+    def _random_vae(self) -> nn.Module:
+        """A small random VAE with the model's latent interface, so random-weight runs decode."""
+        raise NotImplementedError
+
+    def _missing(self, part: str) -> MissingWeightsError:
+        return MissingWeightsError(
+            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part} under "
+            f"'{self._location()}'. Download {self.cfg.hub_id} where you have network and set "
+            "model.path=/path/to/copy (a diffusers folder holding transformer/, vae/, text_encoder/, "
+            f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/), e.g. `python run.py model={self.cfg.name} "
+            f"model.path={self.example_path}`. `profile=flops_only` needs no weights.")
+
+    def sites(self) -> list[Site]:
+        return mmdit_sites(self.transformer, self.text_first, type(self).single_attention_stand_in)
