@@ -32,6 +32,8 @@ ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer"
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
+    "flux": "FLUX.1-dev 1024x1024",
+    "hunyuan_video": "HunyuanVideo 480x640, 65 frames",
 }
 # column key -> (header, digits, higher_is_better, suffix); quality metrics add their own from the records
 COLUMNS = {
