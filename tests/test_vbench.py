@@ -115,9 +115,12 @@ def test_total_score_is_vbenchs_weighted_normalised_mean():
 
 
 @needs_env
-def test_missing_weights_or_images_only_model_stop_before_generation(vbench_files, tmp_path):
+def test_missing_weights_an_image_model_or_an_unreadable_size_stop_before_generation(vbench_files, tmp_path):
     with pytest.raises(MissingFileError, match="clip_model/ViT-B-32.pt"):
         run(make_cfg(*_overrides(vbench_files, tmp_path, f"benchmark.vbench_cache_path={tmp_path / 'none'}")))
     assert not (tmp_path / "samples").exists()
     with pytest.raises(ValueError, match="text-to-video"):
         run(make_cfg(*_overrides(vbench_files, tmp_path, model=TINY_FLUX)))
+    with pytest.raises(ValueError, match="cannot decode 32x48 frames"):  # a width VBench's decord fails on
+        run(make_cfg(*_overrides(vbench_files, tmp_path, "model.tiny.width=48")))
+    assert not (tmp_path / "samples").exists() and not list(tmp_path.rglob("*.json"))

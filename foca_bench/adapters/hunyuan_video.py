@@ -37,7 +37,6 @@ def _no_joint_attention(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
 
 @register_adapter("hunyuan_video")
 class HunyuanVideoAdapter(MMDiTAdapter):
-    video = True
     transformer_class, pipeline_class = "HunyuanVideoTransformer3DModel", "HunyuanVideoPipeline"
     tuple_arch_keys = ("rope_axes_dim",)
     text_first = False  # HunyuanVideo's blocks return (image, text)

@@ -10,6 +10,8 @@ quality, semantic and total scores (percent) when every dimension of a group was
 
 import json
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,23 @@ import torch
 from evaluation import metric
 from evaluation.vbench_score import DIMENSIONS, WEIGHTS, cache_dir, env_python, package_file, run_vbench, total_score
 from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
-from foca_bench.samples import Sample, VideoStore
+from foca_bench.samples import Sample, VideoStore, write_mp4
+
+
+def check_readable(height: int, width: int, env_dir: Any = None) -> None:
+    """Writes a 3-frame video of the model's frame size and has VBench's reader (decord, in the VBench environment)
+    decode it: decord fails on some frame widths (16 and 48 among them), which would otherwise surface only when
+    the finished videos are scored."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.mp4"
+        write_mp4(path, np.random.default_rng(0).integers(0, 256, (3, height, width, 3), dtype=np.uint8), 8)
+        code = ("import sys, decord; v = decord.VideoReader(sys.argv[1]);"
+                "print(tuple(v.get_batch([0, 1, 2]).asnumpy().shape))")
+        out = subprocess.run([str(env_python(env_dir)), "-c", code, str(path)], capture_output=True, text=True)
+    if out.returncode != 0 or out.stdout.strip() != str((3, height, width, 3)):
+        raise ValueError(f"VBench's video reader (decord) cannot decode {height}x{width} frames (a decord bug for "
+                         "some widths, e.g. 16 and 48): choose another model.width (nothing was generated). "
+                         f"decord said: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.stdout}")
 
 
 @register_benchmark("vbench")
@@ -45,6 +63,10 @@ class VBench(FileBenchmark):
                         "one folder in its layout and set benchmark.vbench_cache_path=/path/to/it (or "
                         "VBENCH_CACHE_DIR), or leave the dimension out of benchmark.dimensions (nothing was "
                         "generated).")
+        if "frames" not in self.model_cfg:
+            raise ValueError(f"benchmark=vbench needs a text-to-video model; model={self.model_cfg.name} generates "
+                             "images. Use model=hunyuan_video (nothing was generated).")
+        check_readable(self.model_cfg.resolution, self.model_cfg.width, self.cfg.vbench_env)
         wanted = set(self.cfg.dimensions)
         self.entries = [e for e in self.info if wanted & set(e["dimension"])]
         self.prompts = list(dict.fromkeys(e["prompt_en"] for e in self.entries))  # first occurrence order
@@ -63,15 +85,12 @@ class VBench(FileBenchmark):
         return items[: -(-self.cfg.limit // k) * k]
 
     def prepare(self, adapter: Any) -> None:
-        if not getattr(adapter, "video", False):
-            raise ValueError(f"benchmark=vbench needs a text-to-video model; model={self.model_cfg.name} generates "
-                             "images. Use model=hunyuan_video.")
         adapter.prompts = self.prompts  # sample labels index this list
 
     def store(self, root: Path) -> VideoStore:
         m = self.model_cfg
-        shape = (m.frames, m.resolution, m.width, 3) if "frames" in m else None
-        return VideoStore(root, self.samples(), self.cfg.videos_per_prompt, self.cfg.fps, shape)
+        return VideoStore(root, self.samples(), self.cfg.videos_per_prompt, self.cfg.fps,
+                          (m.frames, m.resolution, m.width, 3))
 
     def to_files(self, videos: Any) -> np.ndarray:
         """Videos (B, 3, F, H, W) in [0, 1] -> (B, F, H, W, 3) uint8."""
