@@ -204,6 +204,9 @@ def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
         config["cache"].pop("dtype")
     if config["model"].get("compile", "unset") is None:  # eager, the default: likewise
         config["model"].pop("compile")
+    config["model"].pop("tiny", None)  # its values are merged into the model's keys when size=tiny, unused else
+    if config["model"].get("size") == "full":
+        config["model"].pop("size")
     if not cfg.profile.benchmark:
         config.pop("benchmark", None)
     for key in list(config.get("benchmark", {})):  # where files are and how work is split change no sample

@@ -67,6 +67,20 @@ def test_run_id_ignores_paths_and_is_stable():
     assert run_id(a) == run_id(b) != run_id({**a, "cache": {"N": 5}})
 
 
+def test_a_models_tiny_block_is_not_part_of_a_full_size_runs_identity():
+    from foca_bench.config import validate
+    from foca_bench.runner import identity
+
+    def rid(*overrides):
+        cfg = make_cfg("model=flux", *overrides)
+        return run_id(identity(cfg, validate(cfg)))
+
+    full = rid()
+    assert rid("model.tiny.arch.num_layers=3") == full  # unused at full size
+    assert rid("model.size=tiny") != full != rid("model.arch.num_layers=18")
+    assert rid("model.size=tiny", "model.tiny.arch.num_layers=3") != rid("model.size=tiny")
+
+
 def test_atomic_write_leaves_old_record_on_failure(tmp_path):
     path = tmp_path / "r.json"
     atomic_write_json(path, {"ok": 1})
