@@ -22,6 +22,8 @@ class Adapter(ABC):
         device: torch device string.
     """
 
+    vae: Optional[torch.nn.Module] = None  # set by adapters whose latents a VAE decodes
+
     def __init__(self, cfg: Any, device: str) -> None:
         self.cfg = cfg
         self.device = torch.device("meta") if cfg.weights == "meta" else torch.device(device)
@@ -43,6 +45,18 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images (B, C, H, W) in [0, 1]."""
+
+    def require_vae(self) -> Any:
+        """The VAE that decodes this model's latents; meta weights have none."""
+        if self.vae is None:
+            raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
+        return self.vae
+
+    @staticmethod
+    def to_unit(decoded: Tensor) -> Tensor:
+        """A VAE's (or a pixel-space model's) output in [-1, 1] -> float32 in [0, 1] on the CPU, as `decode`
+        returns it."""
+        return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @staticmethod
     def has_local_weights(location: str, subfolder: str) -> bool:

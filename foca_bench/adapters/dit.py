@@ -275,12 +275,10 @@ class DiTAdapter(Adapter):
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            if self.cfg.vae:
-                raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
-            return ((latents.float().clamp(-1, 1) + 1) / 2).cpu()  # pixel space
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+        if not self.cfg.vae:
+            return self.to_unit(latents)  # pixel space
+        vae = self.require_vae()
+        return self.to_unit(vae.decode(latents / vae.config.scaling_factor).sample)
 
     def provenance(self) -> dict:
         return {

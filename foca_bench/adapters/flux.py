@@ -65,10 +65,8 @@ class FluxAdapter(MMDiTAdapter):
             return (torch.empty(B, T, arch.joint_attention_dim, device="meta", dtype=self.dtype),
                     torch.empty(B, arch.pooled_projection_dim, device="meta", dtype=self.dtype))
         if self.pipeline is None:  # random weights: seeded random embeddings, one generator per prompt index
-            gens = [torch.Generator().manual_seed(10_000 + int(k)) for k in labels]
-            embeds = torch.stack([torch.randn(T, arch.joint_attention_dim, generator=g) for g in gens])
-            pooled = torch.stack([torch.randn(arch.pooled_projection_dim, generator=g) for g in gens])
-            return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+            embeds, pooled, _ = self.seeded_prompts([int(k) for k in labels], arch.joint_attention_dim)
+            return embeds, pooled
         if not self.prompts:
             raise ValueError("FLUX generates from prompts: run it with a text benchmark (benchmark=drawbench), "
                              "which sets them.")
@@ -109,12 +107,9 @@ class FluxAdapter(MMDiTAdapter):
     def decode(self, latents: Tensor) -> Tensor:
         from diffusers import FluxPipeline
 
-        if self.vae is None:
-            raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
-        vae = self.vae
+        vae = self.require_vae()
         unpacked = FluxPipeline._unpack_latents(latents, self.cfg.resolution, self.cfg.resolution, VAE_SCALE)
-        images = vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample
-        return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+        return self.to_unit(vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample)
 
     def provenance(self) -> dict:
         return {

@@ -75,14 +75,11 @@ class HunyuanVideoAdapter(MMDiTAdapter):
     def _random_prompt(self, keys: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Seeded random (embeds (B, T, text_dim), mask (B, T), pooled (B, pooled_dim)), one generator per prompt
         index; each prompt gets a seeded length in [T/2, T], so the attention mask is exercised."""
-        arch, T = self.transformer.config, self.cfg.text_tokens
-        gens = [torch.Generator().manual_seed(10_000 + k) for k in keys]
-        embeds = torch.stack([torch.randn(T, arch.text_embed_dim, generator=g) for g in gens])
-        pooled = torch.stack([torch.randn(arch.pooled_projection_dim, generator=g) for g in gens])
+        T = self.cfg.text_tokens
+        embeds, pooled, gens = self.seeded_prompts(keys, self.transformer.config.text_embed_dim)
         lengths = [int(torch.randint(max(T // 2, 1), T + 1, (1,), generator=g)) for g in gens]
-        mask = torch.stack([torch.arange(T) < n for n in lengths]).float()
-        to = dict(device=self.device, dtype=self.dtype)
-        return embeds.to(**to), mask.to(**to), pooled.to(**to)
+        mask = torch.stack([torch.arange(T) < n for n in lengths]).to(self.device, self.dtype)
+        return embeds, mask, pooled
 
     def _prompt_embeddings(self, labels: Tensor, negative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """(prompt_embeds, attention mask, pooled) for the prompts `labels` index, or for the negative prompt."""
@@ -135,11 +132,8 @@ class HunyuanVideoAdapter(MMDiTAdapter):
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, F', H', W') -> videos (B, 3, frames, H, W) in [0, 1]."""
-        if self.vae is None:
-            raise RuntimeError(f"model.weights={self.cfg.weights} has no VAE to decode {self.cfg.name} latents.")
-        vae = self.vae
-        video = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return ((video.float().clamp(-1, 1) + 1) / 2).cpu()
+        vae = self.require_vae()
+        return self.to_unit(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0])
 
     def provenance(self) -> dict:
         return {

@@ -253,6 +253,16 @@ class MMDiTAdapter(Adapter):
             raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
         return pipe.to(self.device)
 
+    def seeded_prompts(self, keys: list[int], text_dim: int) -> tuple[Tensor, Tensor, list[torch.Generator]]:
+        """Random weights' stand-in prompts: (embeds (B, text_tokens, text_dim), pooled (B, pooled_dim)) on the
+        model's device and dtype, drawn from one generator per prompt key (so a prompt's embedding does not depend
+        on its batch), and the generators, for further per-prompt draws."""
+        T, pooled_dim = self.cfg.text_tokens, self.transformer.config.pooled_projection_dim
+        gens = [torch.Generator().manual_seed(10_000 + k) for k in keys]
+        embeds = torch.stack([torch.randn(T, text_dim, generator=g) for g in gens])
+        pooled = torch.stack([torch.randn(pooled_dim, generator=g) for g in gens])
+        return embeds.to(self.device, self.dtype), pooled.to(self.device, self.dtype), gens
+
     def _random_vae(self) -> nn.Module:
         """A small random VAE with the model's latent interface, so random-weight runs decode."""
         raise NotImplementedError
