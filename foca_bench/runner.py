@@ -104,9 +104,8 @@ def generate(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labels: torc
         images (N, C, H, W) in [0, 1] on CPU (or latents on the meta device), and engine stats.
     """
     stats: dict = {}
-    grid = [range(s, min(s + batch_size, len(seeds))) for s in range(0, len(seeds), batch_size)]
-    images = [x for _, x in generate_batches(adapter, cache, cfg, labels, seeds, grid, stats, desc, trace,
-                                             measure_cache)]
+    images = [x for _, x in generate_batches(adapter, cache, cfg, labels, seeds, batches(len(seeds), batch_size),
+                                             stats, desc, trace, measure_cache)]
     return torch.cat(images), stats
 
 
@@ -336,12 +335,12 @@ def _run_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, pa
             return json.loads(path.read_text())
         if not store.complete():
             try:
-                store.pack()
+                packed = store.pack()
             except IncompleteSamples as err:
                 log.info(f"Shard {shard}/{num_shards} of <{benchmark.name}> is done; {len(err.missing)} samples of "
                          "other shards are still missing. The job that completes the set packs and scores it.")
                 return {"run_id": rid, "shard": shard, "num_shards": num_shards, "pending": len(err.missing)}
-            log.info(f"Packed {len(store.samples)} samples into {store.npz}")
+            log.info(f"All {len(store.samples)} samples are on disk: {packed}")
         return _score_on_disk(cfg, cache, config, rid, path, benchmark, store, device, started)
 
 
