@@ -16,32 +16,36 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev]"
 	touch $@
 
+# A metric's own environment in $(1): an overlay venv whose own site-packages (the metric and its pins) come first,
+# then .venv's, appended by a .pth file (torch, torchvision, numpy, PIL: not installed twice).
+PURELIB := import sysconfig; print(sysconfig.get_paths()['purelib'])
+define overlay_venv
+$(PY) -m venv $(1)
+	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "$(PURELIB)"))')" \
+		> $$($(1)/bin/python -c "$(PURELIB)")/_foca_main_venv.pth
+endef
+
 # ImageReward's own environment (benchmark=drawbench): image-reward pins timm==0.6.13 and needs transformers<4.40,
-# which conflict with open-clip-torch and diffusers' FLUX pipeline in .venv. An overlay venv: its own site-packages
-# (image-reward and its pins) come first, then .venv's (torch, torchvision, numpy, PIL: not installed twice).
+# which conflict with open-clip-torch and diffusers' FLUX pipeline in .venv.
 IR_ENV := .envs/imagereward
 env-imagereward: $(IR_ENV)/.installed
 
 $(IR_ENV)/.installed: $(VENV)/.installed
-	$(PY) -m venv $(IR_ENV)
-	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))')" \
-		> $$($(IR_ENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_foca_main_venv.pth
+	$(call overlay_venv,$(IR_ENV))
 	$(IR_ENV)/bin/pip install --quiet "image-reward==1.5" "timm==0.6.13" "fairscale==0.4.13" \
 		"transformers>=4.27.4,<4.40" "huggingface_hub<0.26" openai-clip "setuptools<70"
 	$(IR_ENV)/bin/python -c "import ImageReward"
 	touch $@
 
 # VBench's own environment (benchmark=vbench): vbench 0.1.5 pins transformers==4.33.2, numpy<2 and timm<=1.0.12,
-# which conflict with diffusers' pipelines and open-clip-torch in .venv. An overlay venv like the one above;
-# setuptools<70 gives openai-clip its `pkg_resources`. `make test` builds it (about a minute): the VBench tests run
+# which conflict with diffusers' pipelines and open-clip-torch in .venv; setuptools<70 gives openai-clip its
+# `pkg_resources`. `make test` builds it (about a minute): the VBench tests run
 # the real evaluator in it.
 VB_ENV := .envs/vbench
 env-vbench: $(VB_ENV)/.installed
 
 $(VB_ENV)/.installed: $(VENV)/.installed
-	$(PY) -m venv $(VB_ENV)
-	echo "import site; site.addsitedir('$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"))')" \
-		> $$($(VB_ENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_foca_main_venv.pth
+	$(call overlay_venv,$(VB_ENV))
 	$(VB_ENV)/bin/pip install --quiet "vbench==0.1.5" "transformers==4.33.2" "numpy==1.26.4" "timm==1.0.12" \
 		"setuptools<70"
 	$(VB_ENV)/bin/python -c "import vbench, clip, decord, cv2"
