@@ -49,7 +49,8 @@ def attach(cfg, model: nn.Module, now: Callable[[], float], features: Sequence[n
 
         apply_taylorseer_cache(model, TaylorSeerCacheConfig(
             cache_interval=cfg.N, disable_cache_before_step=max(cfg.warmup or 0, 1), max_order=cfg.O,
-            taylor_factors_dtype=getattr(torch, cfg.dtype or "float32"), cache_identifiers=_identifiers(model, features)))
+            taylor_factors_dtype=getattr(torch, cfg.dtype or "float32"),
+            cache_identifiers=_identifiers(model, features)))
     elif cfg.name == "diffusers_fbcache":
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 

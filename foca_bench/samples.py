@@ -1,8 +1,8 @@
 """Sharded sample generation on disk, in the shape of DiT's `sample_ddp.py` (arXiv:2212.09748), with resume.
 
 A benchmark is a fixed, ordered list of samples. Sample `i` has seed `benchmark.seed + i` and one lossless file
-named by its zero-padded global index (`000042.png`). Generation batches lie on a fixed grid of global indices (batch `b` is samples
-`[b * B, (b + 1) * B)`), and shard `s` of `k` takes the batches `b` with `b % k == s`. So:
+named by its zero-padded global index (`000042.png`). Generation batches lie on a fixed grid of global indices
+(batch `b` is samples `[b * B, (b + 1) * B)`), and shard `s` of `k` takes the batches `b` with `b % k == s`. So:
 
 - the same samples come out on 1 or 8 GPUs (same seeds, same batch compositions);
 - a rerun skips every batch whose files are all on disk and readable; a missing, truncated or corrupt file
@@ -250,9 +250,9 @@ class SampleStore:
 
 
 class VideoStore(SampleStore):
-    """A video benchmark's folder: one lossless mp4 per sample in `videos/`, named as VBench's
-    evaluator expects, `<prompt>-<k>.mp4` for the k-th video of a prompt (sample index `i`: prompt `i // per_prompt`, k = `i %
-    per_prompt`). `DONE` lists the files; there is no npz.
+    """A video benchmark's folder: one lossless mp4 per sample in `videos/`, named as VBench's evaluator expects,
+    `<prompt>-<k>.mp4` for the k-th video of a prompt (sample index `i`: prompt `i // per_prompt`,
+    k = `i % per_prompt`). `DONE` lists the files; there is no npz.
 
     Args:
         per_prompt: videos per prompt (VBench: 5).

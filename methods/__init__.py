@@ -57,8 +57,8 @@ def get(name: str) -> type[CacheMethod]:
     return METHODS[name]
 
 
-def replay(name: str, values: Tensor, times: Tensor, full: Tensor, *, role: str = "mlp", layer: tuple[int, int] = (0, 1),
-           **config: Any) -> Tensor:
+def replay(name: str, values: Tensor, times: Tensor, full: Tensor, *, role: str = "mlp",
+           layer: tuple[int, int] = (0, 1), **config: Any) -> Tensor:
     """Replays a method over one site's recorded trajectory.
 
     Drives the same `update`/`forecast` code as live generation (through `methods.base.resolve`), with the

@@ -1,7 +1,7 @@
 """Builds a random-init CLIP in the file format VBench's `background_consistency` loads: a traced TorchScript
 archive, as OpenAI's `ViT-B-32.pt` is, which `clip.load(<path>)` of openai-clip opens and rebuilds from its state
-dict's shapes (in fp16, then float on a CPU). Small width, saved as `<cache>/clip_model/ViT-B-32.pt`. Run in the VBench environment: `.envs/vbench/bin/python -m
-tests.build_vbench_weights <cache folder>`."""
+dict's shapes (in fp16, then float on a CPU). Small width, saved as `<cache>/clip_model/ViT-B-32.pt`. Run in the
+VBench environment: `.envs/vbench/bin/python -m tests.build_vbench_weights <cache folder>`."""
 
 import sys
 from pathlib import Path

@@ -264,7 +264,8 @@ def test_cache_dtype_stores_features_at_that_precision_and_gives_them_back_in_th
     """cache.dtype=float16 on a float32 model: the cached features take half the bytes (TeaCache's signal and
     ToCa's token bookkeeping are not features and stay as they are), outputs stay float32, close to a float32
     cache."""
-    cache = {"name": name, "N": 3, "warmup": 1, **({"coefficients": [1.0, 0.0], "l": 0.3} if name == "teacache" else {})}
+    knobs = {"coefficients": [1.0, 0.0], "l": 0.3} if name == "teacache" else {}
+    cache = {"name": name, "N": 3, "warmup": 1, **knobs}
 
     def run(dtype):
         method = methods.build({**cache, "dtype": dtype})

@@ -140,7 +140,8 @@ def test_attention_probe_matches_the_fused_attention_and_ignores_masked_prompt_t
     text = next(s for s in sites if s.name == "blocks.0.mlp_context").score_tokens(received)
     image = next(s for s in sites if s.name == "blocks.0.mlp").score_tokens(received)
     assert torch.equal(torch.cat([image, text], 1), received)
-    assert text.shape[1] == kwargs["encoder_hidden_states"].shape[1] and image.shape[1] == kwargs["hidden_states"].shape[1]
+    assert text.shape[1] == kwargs["encoder_hidden_states"].shape[1]
+    assert image.shape[1] == kwargs["hidden_states"].shape[1]
 
 
 def test_decode_gives_videos_in_unit_range(hunyuan):

@@ -81,7 +81,8 @@ def test_killed_run_resumes_to_the_same_samples_and_metrics(files, tmp_path):
     whole = _run_py(*fid_overrides(files, tmp_path / "whole"), *slow)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
     cfg = make_cfg(*fid_overrides(files, tmp_path / "killed"), *slow)
-    record_dir = sample_folder(cfg, type("B", (), {"name": "imagenet_fid"}), type("C", (), {"name": "foca"}), "x").parent
+    bench, method = type("B", (), {"name": "imagenet_fid"}), type("C", (), {"name": "foca"})
+    record_dir = sample_folder(cfg, bench, method, "x").parent
     proc = _run_py(*fid_overrides(files, tmp_path / "killed"), *slow)
     deadline = time.time() + 120
     while time.time() < deadline and not list(record_dir.glob("*/0000[0-9][0-9].png")):

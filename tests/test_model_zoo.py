@@ -1,8 +1,9 @@
 """Every model x every method, end to end: the paper's models on tiny random weights (`model.size=tiny`) and the
 embedded toy_dit as shipped (trained; random pixel-space weights make every cache look bad). The runner's
 generation loop (fresh engine state per batch, sampling, VAE decode) runs; the same seeds twice give identical
-outputs; an interval method at N=1 equals `method=none` exactly; the cached output stays near the uncached one, and the relative error is reported at the end of the test
-session. Adding a model YAML with a `tiny` block or a method file extends this grid."""
+outputs; an interval method at N=1 equals `method=none` exactly; the cached output stays near the uncached one,
+and the relative error is reported at the end of the test session. Adding a model YAML with a `tiny` block or a
+method file extends this grid."""
 
 import pytest
 import torch

@@ -59,15 +59,16 @@ class DrawBench(FileBenchmark):
                                        "image_reward_path", how)
             self.med_config = require_file(self.cfg.image_reward_med_config_path, "ImageReward's med_config.json",
                                            "image_reward_med_config_path", how)
-            if not env_python(self.cfg.image_reward_env).is_file():
-                raise MissingFileError(f"The ImageReward environment is not installed ({env_python(self.cfg.image_reward_env)}"
-                                       " is missing): run `make env-imagereward`, or drop it with "
+            python = env_python(self.cfg.image_reward_env)
+            if not python.is_file():
+                raise MissingFileError(f"The ImageReward environment is not installed ({python} is missing): run "
+                                       "`make env-imagereward`, or drop it with "
                                        "benchmark.metrics=[clip_score] (nothing was generated).")
             from huggingface_hub import try_to_load_from_cache
 
             if not isinstance(try_to_load_from_cache("bert-base-uncased", "vocab.txt", cache_dir=hf_hub_cache()), str):
-                raise MissingFileError("ImageReward's BLIP loads the `bert-base-uncased` tokenizer by name, and it is not "
-                                       "in the Hugging Face cache: on a networked machine run `python -c \"from "
+                raise MissingFileError("ImageReward's BLIP loads the `bert-base-uncased` tokenizer by name, and it is "
+                                       "not in the Hugging Face cache: on a networked machine run `python -c \"from "
                                        "transformers import BertTokenizer; BertTokenizer.from_pretrained('bert-base-"
                                        "uncased')\"` and copy ~/.cache/huggingface (or set HF_HOME). Nothing was "
                                        "generated.")

@@ -27,8 +27,8 @@ class ImageNetFID(FileBenchmark):
                                       "imagenet_fid.md).")
         inception = self.cfg.inception_path or str(default_inception_path())
         self.inception = require_file(inception, f"torch-fidelity's Inception weights ({INCEPTION_FILE})",
-                                      "inception_path", f"Download {INCEPTION_URL} into {default_inception_path().parent}"
-                                      " (torch-fidelity's cache) or anywhere else.")
+                                      "inception_path", f"Download {INCEPTION_URL} into "
+                                      f"{default_inception_path().parent} (torch-fidelity's cache) or anywhere else.")
 
     def all_samples(self) -> list[Sample]:
         c = self.model_cfg.num_classes

@@ -45,7 +45,8 @@ class VBench(FileBenchmark):
     def preflight(self) -> None:
         unknown = set(self.cfg.dimensions) - set(DIMENSIONS)
         if unknown or not self.cfg.dimensions:
-            raise ValueError(f"benchmark.dimensions has {sorted(unknown) or 'nothing'}; choose from {list(DIMENSIONS)}.")
+            raise ValueError(f"benchmark.dimensions has {sorted(unknown) or 'nothing'}; choose from "
+                             f"{list(DIMENSIONS)}.")
         how = "See datasets/vbench.md."
         if not env_python(self.cfg.vbench_env).is_file():
             raise MissingFileError(f"The VBench environment is not installed ({env_python(self.cfg.vbench_env)} is "
