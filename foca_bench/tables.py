@@ -78,10 +78,11 @@ def label(record: dict) -> str:
 def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     """Cache knobs of a record beyond N that differ from the method's defaults (`show_order`: also the knobs the
     paper always names, e.g. TaylorSeer's order). Model-specific knobs (TeaCache's polynomial) are not knobs of
-    a row."""
+    a row, nor is a knob at the model's own default (`model.method_defaults`, e.g. TaylorSeer's first_enhance)."""
     cache = record["config"]["cache"]
     cls = methods.get(record["method"])
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+    defaults.update(record["config"]["model"].get("method_defaults", {}).get(record["method"]) or {})  # the model's
     always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
     knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", "steps", *cls.model_specific)
              and (v != defaults.get(k) or k in always)]
