@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from methods._numerics import token_index
-from methods.base import CacheMethod, Plan, SiteKey, Step, Tokens, resolve
+from methods.base import CacheMethod, Plan, SiteInfo, SiteKey, Step, Tokens, resolve
 
 
 def _identity(x: Any) -> Any:
@@ -54,6 +54,8 @@ class Site:
             and `span` the blocks after it. The cached value is the stack's residual (output minus input state,
             `unpack(output) - read(args, kwargs)`); on a forecast step the first block returns
             `pack(input + residual)` and the others pass their input through (`pack(read(...))`) without running.
+            For a method with `stack_output` the cached value is the stack's output, which a forecast step
+            returns whatever the input (DuCa's aggressive step).
         span: the blocks after `module` in a residual stack.
         read: a residual block's `(args, kwargs) -> state`; by default the hidden states it was called with
             (`block(hidden_states, ...) -> hidden_states`). A two-stream block reads both streams as one tensor.
@@ -134,6 +136,7 @@ class CacheEngine:
         if method.roles and not self.sites:
             raise ValueError(f"method={method.name} caches sites with roles {', '.join(method.roles)}, and this "
                              f"model's adapter offers none (it offers {', '.join(sorted({s.role for s in sites}))}).")
+        method.bind({s.name: SiteInfo(s.role, s.layer) for s in self.sites})
         # diffusers' own hooks (`diffusers_*` methods) go on the whole model
         self._model = next((s.module for s in sites if s.role == "model"), None) if method.external else None
         # the modules our attention/MLP/fused sites cache, for diffusers' TaylorSeer hook to cache the same ones
@@ -309,13 +312,12 @@ class CacheEngine:
                 out = original(*args, **kwargs)
                 if site.span:
                     self._span_input[key] = state
-                else:
-                    self._span_done(key, state, site.unpack(out))
-                return out
+                    return out
+                return self._span_done(site, key, state, out)
             self._span_input[key] = None
-            residual = self.method.give(key, self.method.forecast(key, self._step))
-            self._record(key, residual)
-            return site.pack(state + residual)
+            value = self.method.give(key, self.method.forecast(key, self._step))
+            self._record(key, value)
+            return site.pack(value if self.method.stack_output else state + value)
 
         return forward
 
@@ -328,16 +330,22 @@ class CacheEngine:
             if hidden_in is None:  # the stack is forecast at this step: pass through
                 return site.pack(site.read(args, kwargs))
             out = original(*args, **kwargs)
-            if last:
-                self._span_done(key, hidden_in, site.unpack(out))
-            return out
+            return self._span_done(site, key, hidden_in, out) if last else out
 
         return forward
 
-    def _span_done(self, key: SiteKey, hidden_in: Tensor, out: Tensor) -> None:
-        residual = out - hidden_in
-        self.method.update(key, self._step, self.method.keep(key, residual))
-        self._record(key, residual)
+    def _span_done(self, site: Site, key: SiteKey, hidden_in: Tensor, out: Any) -> Any:
+        """A computed stack's last block returned `out`: hands the residual (or, with `stack_output`, the output)
+        to the method; returns the stack's output (with `stack_output`, the value the method gives back)."""
+        if not self.method.stack_output:
+            residual = site.unpack(out) - hidden_in
+            self.method.update(key, self._step, self.method.keep(key, residual))
+            self._record(key, residual)
+            return out
+        self.method.update(key, self._step, self.method.keep(key, site.unpack(out)))
+        value = self.method.give(key, self.method.forecast(key, self._step))
+        self._record(key, value)
+        return site.pack(value)
 
     def _wrap_feeder(self, site: Site, original: Callable[..., Any],
                      stand_in: Callable[..., Any]) -> Callable[..., Any]:
@@ -345,8 +353,9 @@ class CacheEngine:
             plan = self._plan
             # its only consumer is not computed at this step: a forecast step, or a partial step at which only
             # token-wise sites recompute tokens (a single block's attention and MLP input feed a fused output
-            # that a partial step reuses whole)
-            if plan is not None and not plan.full and not (plan.partial and site.tokenwise):
+            # that a partial step reuses whole), unless the method computes this site at this step anyway
+            if plan is not None and not plan.full and not (plan.partial and site.tokenwise) \
+                    and not self.method.computes(SiteKey(site.name, self.branch), self._step, plan):
                 return stand_in(*args, **kwargs)
             return original(*args, **kwargs)
 

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from methods._numerics import token_index
-from methods.base import FORECAST, FULL, PARTIAL, CacheConfig, CacheMethod, Plan, SiteKey, Step, Tokens, resolve
+from methods.base import (FORECAST, FULL, PARTIAL, CacheConfig, CacheMethod, Plan, SiteInfo, SiteKey, Step, Tokens,
+                          resolve)
 
 METHODS: dict[str, type[CacheMethod]] = {}
 
@@ -71,7 +72,8 @@ def replay(name: str, values: Tensor, times: Tensor, full: Tensor, *, role: str 
             which replay selects unless `time` is given.
         full: which steps are computed, (T,) bool. For a token-wise method (ToCa, DuCa) the other steps are
             partial: `values` is (T, B, tokens, ...), and the tokens the method selects take their true values.
-        role, layer: what a token-wise method knows of the site: its role and (block index, number of blocks).
+        role, layer: what the method knows of the site (`CacheMethod.bind`): its role and (block index, number of
+            blocks), e.g. for ToCa's ratio and per-block force steps.
         **config: fields of the method's config (e.g. `slope="full"`, `O=2`).
 
     Returns:
@@ -85,6 +87,7 @@ def replay(name: str, values: Tensor, times: Tensor, full: Tensor, *, role: str 
     cls = get(name)
     config.setdefault("time", "sigma")
     method = cls(cls.config_class(name=name, **config))
+    method.bind({"replay": SiteInfo(role, layer)})
     method.reset()
     key = SiteKey("replay")
     T = len(values)
@@ -107,5 +110,5 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "FULL", "FORECAST", "PARTIAL", "CacheConfig", "CacheMethod", "Plan", "SiteKey", "Step", "Tokens",
-           "build", "get", "register", "replay", "resolve"]
+__all__ = ["METHODS", "FULL", "FORECAST", "PARTIAL", "CacheConfig", "CacheMethod", "Plan", "SiteInfo", "SiteKey",
+           "Step", "Tokens", "build", "get", "register", "replay", "resolve"]

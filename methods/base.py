@@ -81,6 +81,14 @@ class Tokens:
     paired: bool = False
 
 
+class SiteInfo(NamedTuple):
+    """What a method may know of a site besides its name (`CacheMethod.bind`): its role (`attn`, `mlp`, `fused`,
+    `blocks`, ...) and (block index, number of blocks) (`Site.layer`)."""
+
+    role: str
+    layer: tuple[int, int] = (0, 1)
+
+
 @dataclass
 class CacheConfig:
     """Fields every method accepts (`cache.*`).
@@ -132,6 +140,9 @@ class CacheMethod(ABC):
     schedule_free: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
     tokenwise: ClassVar[bool] = False  # recomputes selected tokens at partial steps (`select`, `update_tokens`)
+    # a residual stack (role `blocks`) caches the stack's output, and a forecast step returns it in place of the
+    # stack's output (not input + residual); at a computed step the stack's value is the method's after `update`
+    stack_output: ClassVar[bool] = False
     external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
@@ -142,7 +153,13 @@ class CacheMethod(ABC):
         dtype = getattr(cfg, "dtype", None)
         self.storage_dtype: Optional[torch.dtype] = getattr(torch, dtype) if dtype else None
         self.feature_dtypes: dict[SiteKey, torch.dtype] = {}  # the model's dtype of each site's features
+        self.site_info: dict[str, SiteInfo] = {}
         self.reset()
+
+    def bind(self, sites: dict[str, SiteInfo]) -> None:
+        """Learns the role and depth of each site the method will see (the engine calls it once, before any
+        step), for methods whose decisions depend on them (ToCa's per-block force steps, DuCa's block stack)."""
+        self.site_info = dict(sites)
 
     def keep(self, key: SiteKey, features: Tensor) -> Tensor:
         """A fresh feature as the method stores it: in `cache.dtype` (remembering the model's dtype)."""
@@ -184,7 +201,8 @@ class CacheMethod(ABC):
 
     def computes(self, key: SiteKey, step: Step, plan: Plan) -> bool:
         """Whether site `key` is computed at `step` under the step's plan (default: the plan, for every site).
-        Methods that skip only some sites at a step (Delta-DiT's block ranges) override it."""
+        Methods that skip only some sites at a step (Delta-DiT's block ranges, ToCa's per-block force steps)
+        override it; a site's feeders run when it is computed."""
         return plan.full
 
     def decide(self, key: SiteKey, step: Step, signal: Tensor) -> bool:

@@ -26,7 +26,9 @@ def mmdit(request):
 
 
 def generate(adapter, cache, labels=(0, 1), seeds=(0, 1), steps=STEPS):
-    cache = {"warmup": 2, "score": "random", **cache} if cache["name"] in ("toca", "duca") else {"warmup": 2, **cache}
+    if cache["name"] in ("toca", "duca"):  # the official FLUX and HunyuanVideo schedule (model.method_defaults)
+        cache = {"score": "random", "force_schedule": "interval", **cache}
+    cache = {"warmup": 2, **cache}
     with CacheEngine(methods.build(cache), adapter.sites()) as engine:
         out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), steps,
                                adapter.cfg.guidance_scale)

@@ -11,18 +11,24 @@ from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
 from methods.base import PARTIAL, SiteKey, Step, Tokens
 from methods.fora import FORA, FORAConfig
-from methods.toca import spatial_bonus, toca_force_steps
+from methods.toca import spatial_bonus, step_kinds
 from tests.conftest import TINY, flops_of, make_cfg
 
 STEPS = 10
 
 
 def test_force_schedule_matches_the_official_rule_worked_by_hand():
-    """T=50, N=3: s = 49 - i; after each force step the interval is round(3 / (1.4 - 0.8 s / 50)), e.g. 5 at
-    s=49, 4 at s=45 (so s=44 is next), 3 from s=32, 2 from s=12 (worked out step by step in the docstring's rule)."""
-    full = [i for i, f in enumerate(toca_force_steps(3, 50)) if f]
-    assert full == [0, 4, 5, 9, 13, 17, 19, 22, 25, 28, 31, 34, 37, 39, 41, 43, 45, 47, 49]
-    assert all(toca_force_steps(1, 50))  # N=1 computes every step
+    """T=50, N=3: s = 49 - i; after each force step the interval is round(3 / (1.4 - 0.8 s / 50)), or 2 for
+    s in [10, 20): 5 at s=49, so the first block is forced at s=45 (i=4), which sets 4, and 45 % 4 != 0 leaves the
+    other blocks partial; s=44 is then a force step for every block; s=32 (i=17) sets 3 (32 % 3 != 0: first block
+    only); from s=18 the interval is 2. (Before issue 13 the [0.2T, 0.4T) rule and the per-block decision were
+    missing: 19 force steps instead of these 20 first-block and 18 all-block ones.)"""
+    kinds = step_kinds(3, 50, "toca", "C", 0)
+    assert [i for i, k in enumerate(kinds) if k[0] == "F"] == [0, 4, 5, 9, 13, 17, 19, 22, 25, 28, 31, 33, 35, 37, 39,
+                                                               41, 43, 45, 47, 49]
+    assert [i for i, k in enumerate(kinds) if k[1] == "F"] == [0, 5, 9, 13, 19, 22, 25, 28, 31, 33, 35, 37, 39, 41, 43,
+                                                               45, 47, 49]
+    assert all(k == ("F", "F") for k in step_kinds(1, 50, "toca", "C", 0))  # N=1 computes every step
 
 
 def test_spatial_bonus_raises_the_top_token_of_each_2x2_patch():
@@ -44,12 +50,27 @@ def tokens(B=4, N=16, role="mlp", layer=0, layers=1, attention=None, paired=Fals
 
 
 def test_fresh_ratio_follows_tocas_layer_step_and_module_factors():
-    m = toca(fresh_ratio=0.1)
+    m = toca(fresh_ratio=0.1, ratio_schedule="ddpm250")
     step = Step(index=0, t=0.0, total=50)  # countdown s = 49: step factor 1.4 - 0.8 * 49 / 50 = 0.616
     assert m.fresh_ratio(step, tokens(layer=0, layers=28)) == pytest.approx(0.1 * 1.8 * 0.616 * 2.5)
     assert m.fresh_ratio(Step(49, 0.0, 50), tokens(layer=27, layers=28)) == pytest.approx(0.1 * 0.2 * 1.4 * 2.5)
     assert m.fresh_ratio(step, tokens(role="attn")) == 0.0  # attention is reused whole at partial steps
     assert toca(fresh_ratio=0.1, ratio_schedule="constant").fresh_ratio(step, tokens(role="attn")) == 0.1
+    ddim = toca(fresh_ratio=0.1)  # the default recipe, DDIM-50's: step 3 - 4 s / 50, layer 0.8 -> 1.2
+    assert ddim.fresh_ratio(step, tokens(layer=0, layers=28)) == pytest.approx(0.1 * 0.8 * -0.92 * 2.5)
+    assert ddim.fresh_ratio(Step(49, 0.0, 50), tokens(layer=27, layers=28)) == pytest.approx(0.1 * 1.2 * 3.0 * 2.5)
+    mmdit = toca(fresh_ratio=0.1, ratio_schedule="mmdit")  # FLUX/HunyuanVideo: layer 1.5 - l / 27, double stream 0.4
+    assert mmdit.fresh_ratio(step, tokens(layer=9, layers=57)) == pytest.approx(0.1 * (1.5 - 9 / 27) * 0.4)
+    assert mmdit.fresh_ratio(step, tokens(role="fused", layer=27, layers=57)) == pytest.approx(0.1 * 0.5 * 1.6)
+
+
+def test_a_partial_step_that_recomputes_no_token_still_ages_every_token():
+    """DDIM-50's recipe is negative early (clamped to 0 tokens): the official code still counts the step in s3."""
+    m = toca(fresh_ratio=0.1, score="random")
+    key = SiteKey("blocks.0.mlp")
+    m.update(key, Step(0, 0.0, 50), torch.randn(2, 16, 3))
+    assert m.select(key, Step(1, 0.0, 50), tokens(B=2, layers=28)) is None
+    assert (m.cache[key].age == 1).all()
 
 
 def test_selection_staleness_and_scatter():
@@ -151,13 +172,15 @@ def test_partial_steps_run_the_mlp_on_the_selected_tokens_only(adapter):
 
 
 def test_duca_alternates_conservative_and_aggressive_steps(adapter):
-    """Full at 0, 1, 4, 7; the cached steps 2, 3 / 5, 6 / 8, 9 follow C, A: the MLP runs partially at 2, 5, 8."""
-    mlp, attn, engine = count_calls(adapter, {"name": "duca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
-                                              "force_schedule": "interval"})
+    """Full at 0, 1, 4, 7; with pattern CA the cached steps 2, 3 / 5, 6 / 8, 9 follow C, A: the MLP runs partially
+    at 2, 5, 8 and no block runs at 3, 6, 9. The official DiT order (countdown: C when the steps left to the next
+    force step are odd) is A, C here (2 steps left, then 1), like pattern AC."""
+    duca = {"name": "duca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant", "force_schedule": "interval"}
+    mlp, attn, engine = count_calls(adapter, {**duca, "pattern": "CA"})
     assert attn == 4 and mlp == [(0, 64), (1, 64), (2, 16), (4, 64), (5, 16), (7, 64), (8, 16)]
-    mlp, _, _ = count_calls(adapter, {"name": "duca", "N": 3, "fresh_ratio": 0.25, "ratio_schedule": "constant",
-                                      "force_schedule": "interval", "pattern": "AC"})
-    assert mlp == [(0, 64), (1, 64), (3, 16), (4, 64), (6, 16), (7, 64), (9, 16)]
+    for pattern in ("AC", "countdown"):
+        mlp, _, _ = count_calls(adapter, {**duca, "pattern": pattern})
+        assert mlp == [(0, 64), (1, 64), (3, 16), (4, 64), (6, 16), (7, 64), (9, 16)]
 
 
 def test_attention_probe_matches_sdpa_and_a_closed_form(adapter):
@@ -215,8 +238,9 @@ def test_toca_flops_are_fora_plus_the_partial_mlp_tokens():
 def test_toca_plan_marks_partial_steps():
     m = methods.build({"name": "toca", "N": 3})
     plans = [m.plan(Step(i, 0.0, 50)) for i in range(50)]
-    assert [i for i, p in enumerate(plans) if p.full] == [i for i, f in enumerate(toca_force_steps(3, 50)) if f]
-    assert all(p == PARTIAL for p in plans if not p.full)
+    assert [i for i, p in enumerate(plans) if p.full] == [i for i, k in enumerate(step_kinds(3, 50, "toca", "C", 0))
+                                                          if k == ("F", "F")]
+    assert all(p == PARTIAL for p in plans if not p.full)  # steps forcing only the first block are partial too
 
 
 def test_replay_recomputes_the_selected_tokens_from_the_trajectory():
@@ -236,10 +260,13 @@ def test_replay_recomputes_the_selected_tokens_from_the_trajectory():
         changed = (one[i] != one[i - 1]).any(-1)[0]
         assert changed.sum() == 1 and (one[i, 0, changed] == i).all()
     assert torch.equal(one[5], values[5])
-    duca = methods.replay("duca", values, times, full, fresh_ratio=1.0, ratio_schedule="constant", N=4,
-                          score="random")
-    assert torch.equal(duca[1], values[1]) and torch.equal(duca[2], values[1])  # C then A (reused)
-    assert torch.equal(duca[3], values[3]) and torch.equal(duca[4], values[3])
+    # DuCa on its own schedule (interval, warmup 1, N=4: full at 0, 1, 5): C, A, C; a replayed site is reused whole
+    # at an aggressive step (live, the whole block stack's output is)
+    duca = methods.replay("duca", values, times, torch.tensor([True, True, False, False, False, True]),
+                          fresh_ratio=1.0, ratio_schedule="constant", N=4, warmup=1, force_schedule="interval",
+                          pattern="CA", score="random")
+    assert torch.equal(duca[2], values[2]) and torch.equal(duca[3], values[2])  # C then A (reused)
+    assert torch.equal(duca[4], values[4])
 
 
 def test_attention_scores_cost_no_extra_flops():
