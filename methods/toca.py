@@ -185,7 +185,7 @@ class ToCa(CacheMethod):
             return self.cfg.fresh_ratio
         if recipe == "mmdit":  # FLUX/HunyuanVideo: no step factor; layer over a hard-coded 27 whatever the depth
             stream = STREAM_FACTOR["single" if tokens.role == "fused" else "double"]
-            return self.cfg.fresh_ratio * (1 + 0.5 - 2 * 0.5 * tokens.layer / 27) * 1.0 * stream
+            return self.cfg.fresh_ratio * (1 + 0.5 - 2 * 0.5 * tokens.layer / 27) * stream
         step_weight, layer_weight = RECIPES[recipe]
         T = step.total or step.index + 1
         s = T - 1 - step.index
