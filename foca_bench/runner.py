@@ -201,6 +201,9 @@ def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
             config["cache"].pop(k, None)
     if config["cache"].get("dtype", "unset") is None:  # the default (the model's dtype): ids from before it stay
         config["cache"].pop("dtype")
+    for key, value in type(cache).omit_from_identity.items():  # e.g. FoCa's reading=ours: ids from before it stay
+        if config["cache"].get(key, "unset") == value:
+            config["cache"].pop(key)
     if config["model"].get("compile", "unset") is None:  # eager, the default: likewise
         config["model"].pop("compile")
     config["model"].pop("tiny", None)  # its values are merged into the model's keys when size=tiny, unused else

@@ -60,7 +60,7 @@ class Table:
 
 def label(record: dict) -> str:
     """The row name: the paper's naming, plus every knob that differs from the method's defaults."""
-    method, cache = record["method"], record["config"]["cache"]
+    method, cache = record["method"], _cache(record)
     steps = record["config"]["sampler"]["steps"]
     if method == "none":
         return f"DDIM-{steps} steps"
@@ -75,11 +75,16 @@ def label(record: dict) -> str:
     return f"{name} ({', '.join(knobs)}{suffix})"
 
 
+def _cache(record: dict) -> dict:
+    """A record's cache knobs, with the values its identity leaves out (`CacheConfig.omit_from_identity`)."""
+    return {**methods.get(record["method"]).config_class.omit_from_identity, **record["config"]["cache"]}
+
+
 def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     """Cache knobs of a record beyond N that differ from the method's defaults (`show_order`: also the knobs the
     paper always names, e.g. TaylorSeer's order). Model-specific knobs (TeaCache's polynomial) are not knobs of
     a row, nor is a knob at the model's own default (`model.method_defaults`, e.g. TaylorSeer's first_enhance)."""
-    cache = record["config"]["cache"]
+    cache = _cache(record)
     cls = methods.get(record["method"])
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
     defaults.update(record["config"]["model"].get("method_defaults", {}).get(record["method"]) or {})  # the model's

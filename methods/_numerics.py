@@ -82,6 +82,20 @@ def foca_weights(h: float, dt: float, slope: str, corrector: str) -> tuple[float
     return k1, k2
 
 
+def cachedit_gain(elapsed: int, horizon: int = 3) -> float:
+    """cache-dit's FoCa step factor g(e) in F_b + g(e) (D + d): the trapezoid's e/2 up to `horizon` steps after the
+    last full step; beyond, its blend (h/e) (F_b + h/2 (D + d)) + (1 - h/e) F_b, i.e. g(e) = h^2 / (2e)."""
+    return elapsed / 2.0 if elapsed <= horizon else horizon / elapsed * (horizon / 2.0)
+
+
+def anchored_extrapolate(anchor: Tensor, anchor_step: Tensor, current: Tensor, previous: Tensor, gain: float,
+                         out: Optional[Tensor] = None) -> Tensor:
+    """anchor + gain (anchor_step + current - previous), in three kernels; `out` may be `previous`'s buffer."""
+    out = torch.sub(current, previous, out=out)
+    out.add_(anchor_step)
+    return torch.add(anchor, out, alpha=gain, out=out)
+
+
 def extrapolate(current: Tensor, previous: Tensor, k1: float, extra: Optional[Tensor] = None,
                 k2: float = 0.0, out: Optional[Tensor] = None) -> Tensor:
     """current + k1 (current - previous) + k2 extra, in two kernels (lerp, add_)."""

@@ -10,7 +10,7 @@ for partial steps.
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -110,6 +110,10 @@ class CacheConfig:
     warmup: Optional[int] = None
     time: str = "step"
     dtype: Optional[str] = None
+
+    # knob values that reproduce what runs did before the knob existed: left out of a run's identity
+    # (`runner.identity`), so the records of those runs keep their ids
+    omit_from_identity: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         if self.N < 1:

@@ -1,12 +1,13 @@
 """FoCa, Forecast-then-Calibrate (arXiv:2508.16211): BDF2 predictor plus Heun corrector on cached features.
 
-The paper's eqs. 6-8 are ambiguous; this is the reading foca-bench implements (docs/methods.md discusses it).
-Per site we keep the last two trajectory points F_{i-1}, F_i (computed or forecast, with their times) and the
-last full step b with D_full = (F_b - F_a) / (t_b - t_a) over the two most recent full steps a < b (zero while
-only one full step exists).
+FoCa has no official code and the paper's eqs. 6-8 are ambiguous; `cache.reading` picks one of three readings
+(docs/methods.md compares them: `make readings`). Per site we keep the last two trajectory points F_{i-1}, F_i
+(computed or forecast, with their times), the last full step b (value F_b, index, time) and D, the difference of
+F_b and the full step before it, a. While only one full step exists, every reading reuses F_b.
 
-At a skipped step i+1, with h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
-1. slope s = (F_i - F_{i-1}) / (t_i - t_{i-1})        (`slope=local`, default: "the two most recent timesteps")
+`reading=ours` (foca-bench's): D_full = (F_b - F_a) / (t_b - t_a). At a skipped step i+1, with
+h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
+1. slope s = (F_i - F_{i-1}) / (t_i - t_{i-1})        (`slope=local`: "the two most recent timesteps")
          or s = D_full                                (`slope=full`);
 2. BDF2 predictor F^ = (1+w)^2/(1+2w) F_i - w^2/(1+2w) F_{i-1} + h (1+w)/(1+2w) s   (w = 1: eq. 7);
    (with the local slope this is exactly linear extrapolation F_i + w (F_i - F_{i-1}));
@@ -14,45 +15,75 @@ At a skipped step i+1, with h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
    slope at "the latest fully computed step" and (F^ - F_i)/h as the slope at the predicted end);
    `corrector=none` keeps F^ (the paper's BDF2-only ablation, Figure 7);
 4. F_{i+1} becomes the newest trajectory point.
-While fewer than two trajectory points exist a skipped step reuses F_i (and that value becomes a point too).
 
-Steps 2-3 are evaluated in the fused form `_numerics.foca_weights` derives (two kernels per site);
-tests check it against `bdf2_predict`/`heun_correct`. Memory: at most four tensors per site (F_{i-1}, F_i,
-F_b, D_full); right after a full step F_b is F_i. A forecast is written into the buffer of the forecast two
-steps back once nothing else references it, so a run of skipped steps allocates nothing: a returned forecast
-is valid until the site's next step (the `CacheMethod.forecast` contract; the engine's trace and `replay`
-copy what they keep).
+`reading=cachedit` (cache-dit's `FoCaCalibrator`; vipshop/cache-dit@f86744a,
+src/cache_dit/caching/cache_contexts/calibrators/foca.py:170-205): anchored at F_b, with e = i+1 - b steps since
+it, D = F_b - F_a NOT divided by the spacing, and d = F_i - F_{i-1} (trajectory points, forecasts included):
+    F_{i+1} = F_b + g(e) (D + d),   g(e) = e/2 for e <= 3, else 9/(2e)
+(beyond 3 steps cache-dit blends 3/e of the value at e = 3 with 1 - 3/e of F_b). It counts steps: `time=step`.
+
+`reading=lab` (the FoCa authors' lab's code; yiming-l21/CFGCache@bf339cb,
+models/qwen_image/taylor_utils/__init__.py:97-136): from the last two full steps only, whatever the distance,
+    F^ = (4 F_b - F_a) / 3,   F_{i+1} = (F_b + F^) / 2 = F_b + (F_b - F_a) / 6   (`corrector=none`: F^).
+
+`ours` is evaluated in the fused form `_numerics.foca_weights` derives (two kernels per site); tests check it
+against `bdf2_predict`/`heun_correct`. Memory: at most four tensors per site (F_{i-1}, F_i, F_b, D); right after
+a full step F_b is F_i. A forecast is written into the buffer of the forecast two steps back once nothing else
+references it, so a run of skipped steps allocates nothing: a returned forecast is valid until the site's next
+step (the `CacheMethod.forecast` contract; the engine's trace and `replay` copy what they keep).
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
+import torch
 from torch import Tensor
 
 from methods import register
-from methods._numerics import divided_difference, extrapolate, foca_weights
+from methods._numerics import anchored_extrapolate, cachedit_gain, divided_difference, extrapolate, foca_weights
 from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+
+READINGS = ("ours", "cachedit", "lab")
+LAB_WEIGHT = {"heun": 1.0 / 6.0, "none": 1.0 / 3.0}  # F_b + k (F_b - F_a): (7 F_b - F_a)/6, (4 F_b - F_a)/3
 
 
 @dataclass
 class FoCaConfig(CacheConfig):
     """Attributes:
-    slope: `local` (two most recent trajectory points) or `full` (two most recent full steps).
-    corrector: `heun` (FoCa) or `none` (BDF2-only ablation).
+    reading: which reading of eqs. 6-8: `ours`, `cachedit` (cache-dit's FoCaCalibrator) or `lab` (the grouped
+        solver of the FoCa authors' lab's code); docs/methods.md.
+    slope: `reading=ours` only: `local` (two most recent trajectory points) or `full` (two most recent full steps).
+    corrector: `heun` (FoCa) or `none` (BDF2-only ablation); `reading=ours` and `lab`.
     """
 
     name: str = "foca"
     N: int = 5
+    reading: str = "ours"
     slope: str = "local"
     corrector: str = "heun"
 
+    # runs from before `cache.reading` existed computed `ours`: its records keep their ids (runner.identity)
+    omit_from_identity: ClassVar[dict[str, Any]] = {"reading": "ours"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reading not in READINGS:
+            raise ValueError(f"cache.reading={self.reading!r}: choose `ours`, `cachedit` (cache-dit's calibrator) "
+                             "or `lab` (the FoCa authors' lab's grouped solver); docs/methods.md compares them.")
         if self.slope not in ("local", "full"):
             raise ValueError(f"cache.slope={self.slope!r}: choose `local` (two most recent trajectory points) "
                              "or `full` (two most recent full steps).")
         if self.corrector not in ("heun", "none"):
             raise ValueError(f"cache.corrector={self.corrector!r}: choose `heun` (FoCa) or `none` (BDF2 only).")
+        if self.reading != "ours" and self.slope != "local":
+            raise ValueError(f"cache.slope={self.slope} is a knob of cache.reading=ours; reading={self.reading} "
+                             "takes no slope choice: drop cache.slope.")
+        if self.reading == "cachedit" and self.corrector != "heun":
+            raise ValueError("cache.corrector=none: cache-dit's calibrator has no BDF2-only mode; use "
+                             "cache.reading=ours or lab for the ablation.")
+        if self.reading == "cachedit" and self.time != "step":
+            raise ValueError(f"cache.time={self.time}: cache-dit's calibrator counts steps since the last full "
+                             "step; use cache.time=step with cache.reading=cachedit.")
 
 
 @dataclass
@@ -61,9 +92,10 @@ class _SiteState:
     t_current: float
     full: Tensor  # F_b, the last fully computed value
     t_full: float
+    i_full: int  # b, the step index of F_b
     previous: Optional[Tensor] = None  # F_{i-1}
     t_previous: float = 0.0
-    d_full: Optional[Tensor] = None  # D_full; None (zero) while only one full step exists
+    d_full: Optional[Tensor] = None  # D (divided by t_b - t_a for `ours`); None while only one full step exists
     current_is_ours: bool = False  # F_i is a forecast buffer only this state references
     spare: Optional[Tensor] = None  # F_{i-1} when it is ours: overwritten by the next forecast
 
@@ -84,21 +116,30 @@ class FoCa(CacheMethod):
         t = self.time(step)
         s = self.state.get(key)
         if s is None:
-            self.state[key] = _SiteState(current=features, t_current=t, full=features, t_full=t)
+            self.state[key] = _SiteState(current=features, t_current=t, full=features, t_full=t, i_full=step.index)
             return
-        s.d_full = divided_difference(features, s.full, t - s.t_full)
-        s.full, s.t_full = features, t
+        # `ours` divides by the spacing of the two full steps; cache-dit and the lab's code do not
+        s.d_full = divided_difference(features, s.full, t - s.t_full if self.cfg.reading == "ours" else 1.0)
+        s.full, s.t_full, s.i_full = features, t, step.index
         s.push(features, t)
 
     def forecast(self, key: SiteKey, step: Step) -> Tensor:
         s = self.state[key]
         t = self.time(step)
-        if s.previous is None:
-            value = s.current
-        else:
+        if s.d_full is None:
+            # one full step so far: reuse F_b. (For `ours` this equals its BDF2-Heun step, whose every point is
+            # then F_b; cache-dit does not advance its window here, which gives the same window at the next full
+            # step, since every point pushed is F_b.)
+            value = s.full
+        elif self.cfg.reading == "ours":
             # bdf2_predict + heun_correct, fused into F_i + k1 (F_i - F_{i-1}) + k2 D_full (2 kernels)
             k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
             # written into F_{i-1}'s buffer when it is a forecast of ours (no allocation, no page faults)
             value = extrapolate(s.current, s.previous, k1, s.d_full, k2, out=s.spare)
-        s.push(value, t, ours=value is not s.current)
+        elif self.cfg.reading == "cachedit":
+            gain = cachedit_gain(step.index - s.i_full)
+            value = anchored_extrapolate(s.full, s.d_full, s.current, s.previous, gain, out=s.spare)
+        else:  # lab
+            value = torch.add(s.full, s.d_full, alpha=LAB_WEIGHT[self.cfg.corrector], out=s.spare)
+        s.push(value, t, ours=value is not s.full)
         return value

@@ -109,7 +109,8 @@ def test_batch_composition_does_not_change_a_sample(adapter):
 
 
 @pytest.mark.parametrize("cache", [dict(name="foca", N=3), dict(name="foca", N=4, slope="full", time="sigma"),
-                                   dict(name="foca", N=5, corrector="none"), dict(name="taylorseer", N=3, O=2),
+                                   dict(name="foca", N=5, corrector="none"), dict(name="foca", N=5, reading="cachedit"),
+                                   dict(name="foca", N=4, reading="lab"), dict(name="taylorseer", N=3, O=2),
                                    dict(name="fora", N=3)])
 def test_replay_reproduces_live_generation_exactly(adapter, cache):
     """A site's live values (computed at full steps, forecast otherwise) are exactly what replay returns."""
@@ -248,6 +249,7 @@ def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapte
     (dict(name="fora", N=3), 1),          # the last full value
     (dict(name="taylorseer", N=3, O=2), 3),  # factors of order 0..2
     (dict(name="foca", N=3), 4),          # at most F_{i-1}, F_i, F_b, D_full
+    (dict(name="foca", N=3, reading="cachedit"), 4),  # the same four, D undivided
     (dict(name="none"), 0),
 ])
 def test_cache_bytes_peak_counts_the_tensors_each_method_keeps_per_site(adapter, cache, tensors_per_site):
