@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables flops-dit flops-flux flops-hunyuan bench clean-results
+.PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables readings flops-dit flops-flux flops-hunyuan bench clean-results
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,12 @@ toy-model: install
 tables: install
 	$(PY) -m foca_bench.tables
 
+# FoCa's readings (cache.reading=ours|cachedit|lab) beside FORA and TaylorSeer O=1/2 on toy_dit, open loop (replayed
+# traces) and closed loop (generations) at N=3/5/7 and warmup 1/2: results/readings/readings.{md,json,png}, the
+# evidence docs/methods.md picks FoCa's default reading from. Records already there are reused (force=true reruns).
+readings: install
+	$(PY) -m foca_bench.readings
+
 # The paper's Table 3 rows on the real DiT-XL/2 architecture, FLOPs on the meta device (no weights needed).
 flops-dit: install
 	$(RUN) -m experiment=table3_dit
@@ -89,4 +95,5 @@ bench: install
 	$(PY) -m foca_bench.bench_latency
 
 clean-results:
-	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/figures results/hydra
+	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/figures results/hydra \
+		results/readings
