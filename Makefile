@@ -51,7 +51,7 @@ $(VB_ENV)/.installed: $(VENV)/.installed
 	$(VB_ENV)/bin/python -c "import vbench, clip, decord, cv2"
 	touch $@
 
-# The default job: full compute, FoCa (both slope readings and the BDF2-only ablation), TaylorSeer, FORA and
+# The default job: full compute, FoCa (its readings, and the BDF2-only ablation), TaylorSeer, FORA and
 # reuse at N=3 and N=5 on the embedded toy_dit (conf/experiment/toy_dit.yaml: one job per conf/row/toy_dit/*.yaml,
 # one process), then the Table-3-shaped table (Markdown + LaTeX) and the figures from the records.
 demo: install

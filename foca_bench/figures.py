@@ -41,7 +41,7 @@ FORECASTERS = {
     "FORA": ("fora", {}),
     "TaylorSeer": ("taylorseer", {}),
     "FoCa": ("foca", {}),
-    "FoCa (slope=full)": ("foca", {"slope": "full"}),
+    "FoCa (slope=local)": ("foca", {"slope": "local"}),
     "BDF2-only": ("foca", {"corrector": "none"}),
 }
 QUALITY = ("fid", "image_reward", "vbench", "psnr", "class_acc", "rel_l2")  # a benchmark's headline metric
@@ -194,8 +194,9 @@ def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
             name = label(rec).split(" (")[0]
             if rec["method"] == "none":
                 name = "DDIM (fewer steps)" if rec["config"]["sampler"]["steps"] != 50 else "DDIM-50"
-            elif "slope=full" in label(rec):
-                name += " (slope=full)"
+            elif rec["method"] == "foca":  # FoCa's readings are separate series
+                name += "".join(f" ({k})" for k in label(rec).rstrip(")").split(" (")[-1].split(", ")
+                                if k.startswith(("slope=", "reading=")))
             series.setdefault(name, []).append((rec["profile"]["flops_speedup"], value, path))
         sources = [str(p) for pts in series.values() for *_, p in pts]
         ylabel = METRIC_NAMES.get(metric, metric)

@@ -7,8 +7,8 @@ F_b and the full step before it, a. While only one full step exists, every readi
 
 `reading=ours` (foca-bench's): D_full = (F_b - F_a) / (t_b - t_a). At a skipped step i+1, with
 h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
-1. slope s = (F_i - F_{i-1}) / (t_i - t_{i-1})        (`slope=local`: "the two most recent timesteps")
-         or s = D_full                                (`slope=full`);
+1. slope s = D_full                                   (`slope=full`, the default)
+         or s = (F_i - F_{i-1}) / (t_i - t_{i-1})     (`slope=local`: "the two most recent timesteps");
 2. BDF2 predictor F^ = (1+w)^2/(1+2w) F_i - w^2/(1+2w) F_{i-1} + h (1+w)/(1+2w) s   (w = 1: eq. 7);
    (with the local slope this is exactly linear extrapolation F_i + w (F_i - F_{i-1}));
 3. Heun corrector F_{i+1} = F_i + h/2 (D_full + (F^ - F_i)/h)   (`corrector=heun`, eq. 8, with D_full as the
@@ -52,14 +52,14 @@ class FoCaConfig(CacheConfig):
     """Attributes:
     reading: which reading of eqs. 6-8: `ours`, `cachedit` (cache-dit's FoCaCalibrator) or `lab` (the grouped
         solver of the FoCa authors' lab's code); docs/methods.md.
-    slope: `reading=ours` only: `local` (two most recent trajectory points) or `full` (two most recent full steps).
+    slope: `reading=ours` only: `full` (two most recent full steps) or `local` (two most recent trajectory points).
     corrector: `heun` (FoCa) or `none` (BDF2-only ablation); `reading=ours` and `lab`.
     """
 
     name: str = "foca"
     N: int = 5
     reading: str = "ours"
-    slope: str = "local"
+    slope: str = "full"
     corrector: str = "heun"
 
     # runs from before `cache.reading` existed computed `ours`: its records keep their ids (runner.identity)
@@ -75,7 +75,7 @@ class FoCaConfig(CacheConfig):
                              "or `full` (two most recent full steps).")
         if self.corrector not in ("heun", "none"):
             raise ValueError(f"cache.corrector={self.corrector!r}: choose `heun` (FoCa) or `none` (BDF2 only).")
-        if self.reading != "ours" and self.slope != "local":
+        if self.reading != "ours" and self.slope != "full":
             raise ValueError(f"cache.slope={self.slope} is a knob of cache.reading=ours; reading={self.reading} "
                              "takes no slope choice: drop cache.slope.")
         if self.reading == "cachedit" and self.corrector != "heun":

@@ -41,7 +41,7 @@ def test_every_pair_composes_with_override(cfg_factory, model, method):
 
 def test_cli_example_from_the_issue(cfg_factory):
     cfg = cfg_factory("model=toy_dit", "method=foca", "cache.N=5")
-    assert (cfg.cache.N, cfg.cache.slope, cfg.cache.corrector) == (5, "local", "heun")
+    assert (cfg.cache.N, cfg.cache.slope, cfg.cache.corrector) == (5, "full", "heun")
 
 
 def test_unknown_key_fails(cfg_factory):

@@ -108,7 +108,7 @@ def test_batch_composition_does_not_change_a_sample(adapter):
     torch.testing.assert_close(alone[0], pair[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cache", [dict(name="foca", N=3), dict(name="foca", N=4, slope="full", time="sigma"),
+@pytest.mark.parametrize("cache", [dict(name="foca", N=3), dict(name="foca", N=4, slope="local", time="sigma"),
                                    dict(name="foca", N=5, corrector="none"), dict(name="foca", N=5, reading="cachedit"),
                                    dict(name="foca", N=4, reading="lab"), dict(name="taylorseer", N=3, O=2),
                                    dict(name="fora", N=3)])

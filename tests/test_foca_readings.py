@@ -170,7 +170,7 @@ def test_cachedit_reading_equals_cachedits_own_calibrator(N, warmup):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"reading": "hicache"}, "choose `ours`, `cachedit`"),
-    ({"reading": "lab", "slope": "full"}, "knob of cache.reading=ours"),
+    ({"reading": "lab", "slope": "local"}, "knob of cache.reading=ours"),
     ({"reading": "cachedit", "corrector": "none"}, "no BDF2-only mode"),
     ({"reading": "cachedit", "time": "sigma"}, "counts steps"),
 ])
@@ -198,7 +198,7 @@ def test_table_labels_name_the_reading_unless_it_is_the_default():
     default = methods.build({"name": "foca"}).cfg.reading
 
     def record(**cache):
-        return {"method": "foca", "config": {"cache": {"name": "foca", "N": 5, "warmup": 1, "slope": "local",
+        return {"method": "foca", "config": {"cache": {"name": "foca", "N": 5, "warmup": 1, "slope": "full",
                                                        "corrector": "heun", "time": "step", **cache},
                                              "sampler": {"steps": 50}, "model": {"warmup": 1}}}
 
@@ -207,3 +207,14 @@ def test_table_labels_name_the_reading_unless_it_is_the_default():
         assert label(record(reading=reading)) == expected
     # a record from before the knob, or one with reading=ours (left out of its identity)
     assert label(record()) == ("FoCa (N=5)" if default == "ours" else "FoCa (N=5, reading=ours)")
+
+
+@pytest.mark.parametrize("slope", ["full", "local"])
+def test_ours_is_exact_on_a_line_from_warmup_1_but_not_from_warmup_0(slope):
+    """warmup=1 computes steps 0 and 1: two exact points. warmup=0 computes only step 0 before its first window,
+    whose reuse points then carry into the next window (docs/methods.md)."""
+    for warmup, exact in ((1, True), (0, False)):
+        full = schedule(4, warmup)
+        values, times, mask = as_tensors(TRAJECTORIES["linear"], GRIDS["uniform"], full)
+        out = replay("foca", values, times, mask, N=4, warmup=warmup, slope=slope, time="step")
+        assert torch.allclose(out, values, atol=1e-12) == exact

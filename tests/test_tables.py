@@ -53,16 +53,16 @@ def _record(tmp_path, method, cache, steps=50, flops=1e12, metrics=None, model="
 
 
 def test_records_take_the_paper_row_they_reproduce_and_others_are_listed_as_ours_only(tmp_path):
-    foca = _record(tmp_path, "foca", {"N": 5, "warmup": 1, "slope": "local", "corrector": "heun", "time": "step"},
+    foca = _record(tmp_path, "foca", {"N": 5, "warmup": 1, "slope": "full", "corrector": "heun", "time": "step"},
                    flops=5.266e12, name="foca5")
-    full = _record(tmp_path, "foca", {"N": 5, "warmup": 1, "slope": "full", "corrector": "heun", "time": "step"},
-                   flops=5.266e12, name="foca5full")
+    local = _record(tmp_path, "foca", {"N": 5, "warmup": 1, "slope": "local", "corrector": "heun", "time": "step"},
+                    flops=5.266e12, name="foca5local")
     none25 = _record(tmp_path, "none", {}, steps=25, flops=11.867e12, name="ddim25")
     assert matches(foca[1], {"method": "foca", "sampler.steps": 50, "cache.N": 5})
-    assert not matches(full[1], {"method": "foca", "sampler.steps": 50, "cache.N": 5})  # a non-default knob
+    assert not matches(local[1], {"method": "foca", "sampler.steps": 50, "cache.N": 5})  # a non-default knob
     assert not matches(foca[1], {"method": "foca", "sampler.steps": 50, "cache.N": 3})
 
-    table = build_paper_table(PAPER["dit_xl_2"], [foca, full, none25], "t")
+    table = build_paper_table(PAPER["dit_xl_2"], [foca, local, none25], "t")
     rows = {r[0]: r for r in table.rows}
     col = table.header.index("FLOPs(T) ↓ (ours)")
     assert table.header[col + 1] == "FLOPs(T) ↓ (paper)"
@@ -71,7 +71,7 @@ def test_records_take_the_paper_row_they_reproduce_and_others_are_listed_as_ours
     assert rows["DDIM-25 steps"][col].startswith("11.8670") and rows["DDIM-25 steps"][-1] == "`ddim25`"
     assert rows["FoCa (N=3)"][col] == "—" and rows["FoCa (N=3)"][-1] == "paper only"
     assert rows["L2C (NFE=30)"][-1] == "paper only"
-    assert rows["FoCa (N=5, slope=full) (ours only)"][-1] == "`foca5full`"
+    assert rows["FoCa (N=5, slope=local) (ours only)"][-1] == "`foca5local`"
     assert [r[0] for r in table.rows][:3] == ["DDIM-50 steps", "DDIM-25 steps", "L2C (NFE=30)"]  # paper order
 
 
