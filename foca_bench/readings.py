@@ -2,8 +2,8 @@
 
 The question (issue 13): which reading of the paper's eqs. 6-8 (`cache.reading`, docs/methods.md) reproduces its
 central claim, "FoCa (arXiv:2508.16211) beats TaylorSeer as N grows", and where. Rows: FoCa `ours` (slope=local
-and slope=full), `cachedit` and `lab`; FORA; TaylorSeer O=1 and O=2 with the official derivative start; at
-N = 3, 5, 7 and warmup = 1 (toy_dit's) and 2. Two measurements:
+and slope=full), `cachedit` and `lab`; FORA; TaylorSeer O=1 and O=2 with the official derivative start (its default
+`cache.first_enhance`); at N = 3, 5, 7 and warmup = 1 (toy_dit's) and 2. Two measurements:
 
 - open loop: the full-compute trajectory of every cache site is traced for `readings.trace_samples` samples (one
   batch; seeds by the benchmark's rule), each method is replayed over it (`methods.replay`: the live
@@ -18,12 +18,11 @@ Knobs: `+readings.samples=10 +readings.trace_samples=10`; other arguments are Hy
 (`force=true` recomputes existing records).
 """
 
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -48,31 +47,6 @@ ROWS = {  # label -> (method, knobs)
 READINGS = [r for r in ROWS if r.startswith("FoCa")]
 TAYLORSEER = ("TaylorSeer O=1", "TaylorSeer O=2")
 WIN = 0.95  # a reading beats TaylorSeer where its error is at most this fraction of the better TaylorSeer's
-
-
-@contextlib.contextmanager
-def official_taylorseer_start() -> Iterator[None]:
-    """EMULATION, until TaylorSeerConfig's official-start knob is on main; the only place that emulates it.
-
-    The official code forms difference factors only at full steps i >= warmup (our warmup; FLUX:
-    `current['step'] > first_enhance - 2` with first_enhance = warmup + 1, TaylorSeer-FLUX/src/flux/taylor_utils/
-    __init__.py:19; DiT's countdown test is the same rule), so at warmup=2 its first window is order 0 after step
-    1 and order 1 after step 2; ours forms them from the second full step on. At warmup=1 the two agree.
-    """
-    from methods.taylorseer import TaylorSeer
-
-    update = TaylorSeer.update
-
-    def official(self, key, step, features):
-        if step.index < (self.cfg.warmup or 0):
-            self.factors.pop(key, None)  # no previous factors: order 0 only at this full step
-        update(self, key, step, features)
-
-    TaylorSeer.update = official
-    try:
-        yield
-    finally:
-        TaylorSeer.update = update
 
 
 def _schedule(N: int, warmup: int, T: int) -> torch.Tensor:
@@ -107,19 +81,17 @@ def open_loop(trace_: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     sites = [k for k in trace_ if k not in ("times", "full")]
     T = len(trace_["times"])
     out: dict[str, dict[str, float]] = {row: {} for row in ROWS}
-    with official_taylorseer_start():
-        for warmup in WARMUPS:
-            for N in NS:
-                full = _schedule(N, warmup, T)
-                for row, (method, knobs) in ROWS.items():
-                    errors = []
-                    for site in sites:
-                        true = trace_[site].double()  # (T, B, ...)
-                        got = methods.replay(method, true, trace_["times"], full, N=N, warmup=warmup, time="step",
-                                             **knobs)
-                        diff, ref = (got - true)[~full].flatten(2), true[~full].flatten(2)
-                        errors.append((diff.norm(dim=2) / ref.norm(dim=2).clamp_min(1e-12)).mean())
-                    out[row][f"w{warmup}/N{N}"] = float(torch.stack(errors).mean())
+    for warmup in WARMUPS:
+        for N in NS:
+            full = _schedule(N, warmup, T)
+            for row, (method, knobs) in ROWS.items():
+                errors = []
+                for site in sites:
+                    true = trace_[site].double()  # (T, B, ...)
+                    got = methods.replay(method, true, trace_["times"], full, N=N, warmup=warmup, time="step", **knobs)
+                    diff, ref = (got - true)[~full].flatten(2), true[~full].flatten(2)
+                    errors.append((diff.norm(dim=2) / ref.norm(dim=2).clamp_min(1e-12)).mean())
+                out[row][f"w{warmup}/N{N}"] = float(torch.stack(errors).mean())
     return out
 
 
@@ -134,12 +106,8 @@ def closed_loop(overrides: list[str], samples: int) -> dict[str, dict[str, dict]
         cfg = compose(*base, f"method={method}", f"cache.N={N}", f"cache.warmup={warmup}",
                       *(f"cache.{k}={v}" for k, v in knobs.items()))
         results = Path(cfg.results_dir) / "readings"
-        emulated = method == "taylorseer"
-        if emulated:  # its own folder: these records' configs do not say that the start was emulated
-            results = results / "taylorseer_official_start_emulated"
         cfg.results_dir = str(results)
-        with official_taylorseer_start() if emulated else contextlib.nullcontext():
-            record = run(cfg)
+        record = run(cfg)
         if "skipped" in record:
             raise RuntimeError(f"{row} (warmup={warmup}, N={N}): {record['skipped']}; rerun when it is done.")
         metrics = record["metrics"]
@@ -247,7 +215,7 @@ def main(argv: list[str]) -> dict:
     print(f"<readings> open loop over {trace_path}")
     result = {"command": " ".join(["python -m foca_bench.readings", *argv]), "overrides": overrides,
               "trace": str(trace_path), "trace_samples": knobs["trace_samples"],
-              "closed_samples": 10 * knobs["samples"], "taylorseer_start": "emulated: factors from full step `warmup` on, i.e. first_enhance = warmup + 1",
+              "closed_samples": 10 * knobs["samples"], "taylorseer_start": "cache.first_enhance=null: warmup + 1, factors from full step `warmup` on",
               "open_loop": open_loop(tensors)}
     result["closed_loop"] = closed_loop(overrides, knobs["samples"])
     closed = {row: {c: v["rel_l2"] for c, v in cells.items()} for row, cells in result["closed_loop"].items()}

@@ -1,5 +1,5 @@
 """`foca_bench.readings` (`make readings`): open-loop errors on synthetic traces against closed forms, the verdict
-rule, the emulated official TaylorSeer start, and (slow) the whole command on a tiny model."""
+rule, TaylorSeer's official start in its rows, and (slow) the whole command on a tiny model."""
 
 import json
 
@@ -50,19 +50,18 @@ def test_verdict_needs_a_lower_error_at_n5_and_n7_and_a_falling_ratio():
     assert not v["FoCa cachedit"]["reproduces"] and not v["FoCa ours, slope=local"]["reproduces"]
 
 
-def test_emulated_official_taylorseer_start_forms_factors_from_step_warmup():
-    """F = t^2, full at 0, 1, 2, 7 (warmup=2, N=5), O=2. Official: factors at step 2 are [F_2, F_2 - F_1], so step
-    3 gets 4 + 3 = 7; from the second full step on (before issue 13) step 3 got 4 + 3 + 2/2 = 8."""
+def test_taylorseer_rows_use_the_official_derivative_start():
+    """F = t^2, full at 0, 1, 2, 7 (warmup=2, N=5), O=2, as `open_loop` replays the row. Official start (factors
+    from step `warmup` on): factors at step 2 are [F_2, F_2 - F_1], so step 3 gets 4 + 3 = 7 and step 4 gets
+    4 + 3 * 2; forming them from the second full step (`first_enhance=1`) gives 4 + 3 + 2/2 = 8 at step 3."""
+    method, knobs = readings.ROWS["TaylorSeer O=2"]
     values = torch.tensor([[float(i * i)] for i in range(8)], dtype=torch.float64)
     full = torch.tensor([i < 3 or i == 7 for i in range(8)])
     times = torch.arange(8, dtype=torch.float64)
-    with readings.official_taylorseer_start():
-        official = replay("taylorseer", values, times, full, N=5, warmup=2, O=2, time="step")
-    assert official[3, 0].item() == pytest.approx(7.0, abs=1e-12)
-    assert official[4, 0].item() == pytest.approx(4 + 3 * 2, abs=1e-12)
-    with readings.official_taylorseer_start():  # warmup=1: the same as forming them from the second full step
-        at_one = replay("taylorseer", values, times, full, N=5, warmup=1, O=2, time="step")
-    assert torch.equal(at_one, replay("taylorseer", values, times, full, N=5, warmup=1, O=2, time="step"))
+    out = replay(method, values, times, full, N=5, warmup=2, time="step", **knobs)
+    assert out[3, 0].item() == pytest.approx(7.0, abs=1e-12) and out[4, 0].item() == pytest.approx(10.0, abs=1e-12)
+    former = replay(method, values, times, full, N=5, warmup=2, time="step", first_enhance=1, **knobs)
+    assert former[3, 0].item() == pytest.approx(8.0, abs=1e-12)
 
 
 @pytest.mark.slow
