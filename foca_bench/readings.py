@@ -13,7 +13,8 @@ and slope=full), `cachedit` and `lab`; FORA; TaylorSeer O=1 and O=2 with the off
   samples per class of benchmark=toy_fid; image RelL2 and PSNR to full compute from the same seeds.
 
 A reading reproduces the claim in a setting when its error is at least 5% below the better TaylorSeer's at N = 5
-and 7 (a tie is no win) and its ratio to it falls from N = 3 to 7. Writes `results/readings/readings.{md,json,png}`. TOY MODEL numbers.
+and 7 (a tie is no win) and its ratio to it falls from N = 3 to 7. Writes `results/readings/readings.{md,json,png}`.
+TOY MODEL numbers.
 Knobs: `+readings.samples=10 +readings.trace_samples=10`; other arguments are Hydra overrides of every run
 (`force=true` recomputes existing records).
 """
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 import methods
 from foca_bench.config import compose, split_knobs, validate
-from foca_bench.records import atomic_write, atomic_write_json, environment, run_id
+from foca_bench.records import atomic_write, atomic_write_json, environment, record_path, run_id
 from foca_bench.runner import generate, get_adapter, resolve_device, run
 
 NS = (3, 5, 7)
@@ -80,27 +81,30 @@ def open_loop(trace_: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """Mean relative L2 forecast error over skipped steps, samples and sites: {row: {"w<warmup>/N<N>": error}}."""
     sites = [k for k in trace_ if k not in ("times", "full")]
     T = len(trace_["times"])
-    out: dict[str, dict[str, float]] = {row: {} for row in ROWS}
-    for warmup in WARMUPS:
-        for N in NS:
-            full = _schedule(N, warmup, T)
-            for row, (method, knobs) in ROWS.items():
-                errors = []
-                for site in sites:
-                    true = trace_[site].double()  # (T, B, ...)
+    errors: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for site in sites:  # one site in float64 at a time
+        true = trace_[site].double()  # (T, B, ...)
+        for warmup in WARMUPS:
+            for N in NS:
+                full = _schedule(N, warmup, T)
+                for row, (method, knobs) in ROWS.items():
                     got = methods.replay(method, true, trace_["times"], full, N=N, warmup=warmup, time="step", **knobs)
                     diff, ref = (got - true)[~full].flatten(2), true[~full].flatten(2)
-                    errors.append((diff.norm(dim=2) / ref.norm(dim=2).clamp_min(1e-12)).mean())
-                out[row][f"w{warmup}/N{N}"] = float(torch.stack(errors).mean())
+                    rel = (diff.norm(dim=2) / ref.norm(dim=2).clamp_min(1e-12)).mean()
+                    errors.setdefault((row, f"w{warmup}/N{N}"), []).append(rel)
+    out: dict[str, dict[str, float]] = {row: {} for row in ROWS}
+    for (row, cell), rels in errors.items():
+        out[row][cell] = float(torch.stack(rels).mean())
     return out
 
 
 def closed_loop(overrides: list[str], samples: int) -> dict[str, dict[str, dict]]:
-    """Real toy_fid generations: {row: {"w<warmup>/N<N>": {"rel_l2", "psnr", "full_steps", "record"}}}."""
+    """Real toy_fid generations: {row: {"w<warmup>/N<N>": {"rel_l2", "psnr", "full_steps", "reused", "record"}}}."""
     base = ["benchmark=toy_fid", f"benchmark.samples_per_class={samples}", f"benchmark.batch_size={10 * samples}",
             "profile.latency=false", "profile.flops=false", *overrides]
     jobs = [(row, warmup, N) for warmup in WARMUPS for N in NS for row in ROWS]
     out: dict[str, dict[str, dict]] = {row: {} for row in ROWS}
+    existing = set(Path(compose(*base).results_dir, "readings").rglob("*.json"))  # records this run reuses
     for row, warmup, N in tqdm(jobs, desc="<readings> closed loop", unit="run"):
         method, knobs = ROWS[row]
         cfg = compose(*base, f"method={method}", f"cache.N={N}", f"cache.warmup={warmup}",
@@ -110,11 +114,10 @@ def closed_loop(overrides: list[str], samples: int) -> dict[str, dict[str, dict]
         record = run(cfg)
         if "skipped" in record:
             raise RuntimeError(f"{row} (warmup={warmup}, N={N}): {record['skipped']}; rerun when it is done.")
-        metrics = record["metrics"]
+        metrics, path = record["metrics"], record_path(results, "toy_fid", record["model"], method, record["run_id"])
         out[row][f"w{warmup}/N{N}"] = {
             "rel_l2": metrics["rel_l2"]["value"], "psnr": metrics["psnr"]["value"],
-            "full_steps": record["samples"]["full_steps"],
-            "record": str(results / "toy_fid" / record["model"] / method / f"{record['run_id']}.json")}
+            "full_steps": record["samples"]["full_steps"], "reused": path in existing, "record": str(path)}
     return out
 
 
@@ -142,19 +145,22 @@ def markdown(result: dict) -> str:
                               for row in ROWS)
 
     closed = result["closed_loop"]
+    reused = sum(cell["reused"] for cells in closed.values() for cell in cells.values())
     lines = [
         "# FoCa's readings beside FORA and TaylorSeer on toy_dit (TOY MODEL)\n",
         f"`{result['command']}` at commit {result['environment']['git_commit'][:7]}, {result['wall_s'] / 60:.1f} "
         f"min on {result['environment'].get('cpu_count', '?')} CPU(s). TaylorSeer uses the official derivative "
         f"start ({result['taylorseer_start']}). Open loop: {result['trace_samples']} traced samples "
-        f"(`{result['trace']}`); closed loop: {result['closed_samples']} generated samples per run.\n",
+        f"(`{result['trace']}`); closed loop: {result['closed_samples']} generated samples per run ({reused} of "
+        f"{len(ROWS) * len(WARMUPS) * len(NS)} runs' records were already there and reused).\n",
         "## Open loop: mean relative L2 forecast error (skipped steps, samples, sites)\n",
         table(lambda r, c: result["open_loop"][r][c], ".4f"),
         "## Closed loop: image relative L2 to full compute\n",
         table(lambda r, c: closed[r][c]["rel_l2"], ".4f"),
         "## Closed loop: image PSNR to full compute (dB)\n",
         table(lambda r, c: closed[r][c]["psnr"], ".2f"),
-        f"## Verdict: reading / better TaylorSeer at N = 3 / 5 / 7 (✓: at most {WIN} at N = 5 and 7, falling with N)\n",
+        f"## Verdict: reading / better TaylorSeer at N = 3 / 5 / 7 (✓: at most {WIN} at N = 5 and 7, falling with "
+        "N)\n",
     ]
     verdict_table = "| Reading | " + " | ".join(f"{loop} loop, warmup={w}" for loop in ("open", "closed")
                                               for w in WARMUPS) + " |\n" + "|---|" + "---|" * 2 * len(WARMUPS) + "\n"
@@ -215,7 +221,8 @@ def main(argv: list[str]) -> dict:
     print(f"<readings> open loop over {trace_path}")
     result = {"command": " ".join(["python -m foca_bench.readings", *argv]), "overrides": overrides,
               "trace": str(trace_path), "trace_samples": knobs["trace_samples"],
-              "closed_samples": 10 * knobs["samples"], "taylorseer_start": "cache.first_enhance=null: warmup + 1, factors from full step `warmup` on",
+              "closed_samples": 10 * knobs["samples"],
+              "taylorseer_start": "cache.first_enhance=null: warmup + 1, factors from full step `warmup` on",
               "open_loop": open_loop(tensors)}
     result["closed_loop"] = closed_loop(overrides, knobs["samples"])
     closed = {row: {c: v["rel_l2"] for c, v in cells.items()} for row, cells in result["closed_loop"].items()}

@@ -119,7 +119,8 @@ class FoCa(CacheMethod):
             self.state[key] = _SiteState(current=features, t_current=t, full=features, t_full=t, i_full=step.index)
             return
         # `ours` divides by the spacing of the two full steps; cache-dit and the lab's code do not
-        s.d_full = divided_difference(features, s.full, t - s.t_full if self.cfg.reading == "ours" else 1.0)
+        ours = self.cfg.reading == "ours"
+        s.d_full = divided_difference(features, s.full, t - s.t_full) if ours else features - s.full
         s.full, s.t_full, s.i_full = features, t, step.index
         s.push(features, t)
 
