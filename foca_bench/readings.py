@@ -211,12 +211,20 @@ def figure(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> dict:
-    started = time.perf_counter()
-    knobs = {"samples": 10, "trace_samples": 10}
-    overrides = ["model=toy_dit", *split_knobs(argv, "readings", knobs)]
+    threads = torch.get_num_threads()
     # one thread: the toy model's matrices are too small for a second one to gain much, and on shared cores
     # its spin-waits made generation 6-8x slower (measured under load: 40 samples, 9.5 s vs 64 s)
     torch.set_num_threads(1)
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv: list[str]) -> dict:
+    started = time.perf_counter()
+    knobs = {"samples": 10, "trace_samples": 10}
+    overrides = ["model=toy_dit", *split_knobs(argv, "readings", knobs)]
     tensors, trace_path = trace(overrides, knobs["trace_samples"])
     print(f"<readings> open loop over {trace_path}")
     result = {"command": " ".join(["python -m foca_bench.readings", *argv]), "overrides": overrides,
