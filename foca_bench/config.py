@@ -323,6 +323,15 @@ def split_knobs(argv: list[str], prefix: str, knobs: dict[str, int]) -> list[str
     return overrides
 
 
+def model_method_defaults(model: str, method: str) -> dict:
+    """The `cache.*` values a method takes on a model by default: `conf/model_method/<model>_<method>.yaml`, which
+    the defaults list (`conf/config.yaml`) composes when it exists (e.g. FORA's official FLUX schedule)."""
+    from foca_bench import REPO_DIR
+
+    path = REPO_DIR / "conf" / "model_method" / f"{model}_{method}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+
+
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
     """How many of `steps` steps the method's schedule (`CacheMethod.is_full`) computes in full."""
     is_full = methods.get(cache.name)(cache).is_full

@@ -20,6 +20,7 @@ import yaml
 
 import methods
 from foca_bench import REPO_DIR
+from foca_bench.config import model_method_defaults
 from foca_bench.records import group_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
@@ -81,11 +82,12 @@ def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     a row."""
     cache = record["config"]["cache"]
     cls = methods.get(record["method"])
-    defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+    specialized = model_method_defaults(record["model"], record["method"])
+    defaults = {**{f.name: f.default for f in dataclasses.fields(cls.config_class)}, **specialized}
     always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
     knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", "steps", *cls.model_specific)
              and (v != defaults.get(k) or k in always)]
-    if "warmup" in cache and cache["warmup"] != record["config"]["model"]["warmup"]:
+    if "warmup" in cache and cache["warmup"] != specialized.get("warmup", record["config"]["model"]["warmup"]):
         knobs.append("warmup")
     return knobs
 

@@ -127,7 +127,7 @@ def test_replay_reproduces_live_generation_exactly(adapter, cache):
 
 def test_named_cfg_contexts_keep_separate_caches(adapter):
     """Separate cond/uncond passes get separate state (later models run CFG as two passes)."""
-    method = methods.build({"name": "fora", "N": 2, "warmup": 0})
+    method = methods.build({"name": "fora", "N": 2, "warmup": 0, "anchor": "first"})  # step 1 skipped
     attn = adapter.transformer.transformer_blocks[0].attn1
     x_cond, x_uncond = torch.randn(1, 64, 32), torch.randn(1, 64, 32)
     with CacheEngine(method, adapter.sites()) as engine:
