@@ -28,6 +28,7 @@ class ModelConfig:
         weights: `pretrained` (load `path`/`hub_id`), `random` (same classes, random init) or `meta` (no
             memory, FLOP counting only).
         warmup: the model's default `cache.warmup`.
+        lineage: the model's default `sampler.lineage`.
         method_defaults: settings that depend on the model and the method together, by method name (e.g.
             `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
         text_tokens: prompt length in tokens of a text-conditioned model (FLUX's T5 `max_sequence_length`).
@@ -52,6 +53,7 @@ class ModelConfig:
     num_classes: int = 0
     guidance_scale: float = 1.0
     warmup: int = 1
+    lineage: str = "diffusers"
     dtype: str = "float32"
     arch: Dict[str, Any] = field(default_factory=dict)
     scheduler: Dict[str, Any] = field(default_factory=dict)
@@ -87,12 +89,18 @@ class SamplerConfig:
     """Attributes:
     steps: number of denoising steps (the paper's "DDIM-k steps" rows are `method=none sampler.steps=k`).
     guidance_scale: classifier-free guidance; null takes `model.guidance_scale`.
-    guided_channels: null guides every output channel (diffusers' DiTPipeline); 3 guides only the first three
-        latent channels, as DiT's reference `forward_with_cfg` does.
+    lineage: whose sampling loop runs the model: `diffusers` (the diffusers pipeline's scheduler and guidance) or,
+        for DiT models, `dit` (the original DiT repository's respaced DDIM and 3-channel guidance, which the code
+        behind the paper's DiT-XL/2 rows builds on; `foca_bench/adapters/dit_sampler.py`); null takes
+        `model.lineage`.
+    guided_channels: how many leading latent channels classifier-free guidance applies to (the others follow the
+        conditional branch); null: the lineage's (`diffusers`: every channel, as DiTPipeline; `dit`: the first
+        three, as DiT's `forward_with_cfg`).
     """
 
     steps: int = 50
     guidance_scale: Optional[float] = None
+    lineage: Optional[str] = None
     guided_channels: Optional[int] = None
 
 
@@ -377,6 +385,14 @@ def validate(cfg: DictConfig) -> CacheConfig:
         cfg.model.weights = "meta"
     if cfg.sampler.guidance_scale is None:
         cfg.sampler.guidance_scale = cfg.model.guidance_scale
+    if cfg.sampler.lineage is None:
+        cfg.sampler.lineage = cfg.model.lineage
+    from foca_bench.adapters import ADAPTERS  # cheap: adapters import diffusers only when they load a model
+
+    lineages = ADAPTERS[cfg.model.name].lineages if cfg.model.name in ADAPTERS else ("diffusers",)
+    if cfg.sampler.lineage not in lineages:
+        raise ValueError(f"sampler.lineage={cfg.sampler.lineage}: model `{cfg.model.name}` runs "
+                         f"{' or '.join(lineages)} (`dit`, the DiT repository's sampler, is for DiT models).")
     cache = OmegaConf.to_object(cfg.cache)  # runs the method's __post_init__ checks
     method_cls = methods.get(cache.name)
     if method_cls.adaptive and cfg.model.weights == "meta":
