@@ -40,8 +40,9 @@ class ModelConfig:
         compile: a `torch.compile` backend (`inductor`) for the attention, MLP and fused modules of the cache
             sites (`hooks.compile_sites`: the caching logic stays eager, nothing recompiles per step); null: eager.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
-            pooled embeddings) once per generation instead of once per block and step; same values, same FLOPs,
-            less per-step overhead for full and skipped steps alike. `false` computes them step by step.
+            pooled embeddings) once per generation instead of once per block and step; same FLOPs, less per-step
+            overhead for full and skipped steps alike, values equal up to float32 rounding (the batched matmul
+            rounds differently, ~1e-7 relative; docs/methods.md). `false` computes them step by step.
     """
 
     name: str = MISSING

@@ -234,8 +234,9 @@ class DiTAdapter(Adapter):
         (any other call, a probe or another batch, computes as usual):
         - `model.precompute_conditioning=true` (and `precompute`): from a table evaluated once over all (step,
           sample) rows before sampling. A skipped step cannot avoid its conditioning, and on a small model its
-          per-op cost is a large share of a skipped step; batched, it nearly vanishes. Bit-identical on the
-          tested CPU/float32 path (tests/test_engine.py compares both paths).
+          per-op cost is a large share of a skipped step; batched, it nearly vanishes. Equal up to float32
+          rounding, not bit for bit in general: the batched matmul rounds differently (~1e-7 relative per
+          embedding; docs/methods.md has the measured effect on samples).
         - otherwise: computed at its first call in the step and reused by the final layer's repeat call.
         Both count the same FLOPs: one embedding per block and step. The adapter passes `precompute=False` when
         a method may skip whole blocks or the whole model (`reuse`, `teacache`, `delta_dit`), whose skipped blocks
