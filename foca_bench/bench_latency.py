@@ -88,7 +88,8 @@ def bench(adapter, meta, cfg, batch: int, T: int, repeats: int) -> None:
     def flops(cache: dict) -> float:
         return count_flops(lambda: run(cache, meta, batch))
 
-    two_full = lambda name: {"name": name, "N": 10 * T}  # steps 0 and 1 full (warmup 1), the rest skipped
+    # two full steps, the rest skipped: 0 and 1 (warmup 1); FORA, which counts down from the last step: 0 and T-1
+    two_full = lambda name: {"name": name, "N": 10 * T}
     full_s, full_f = step_median({"name": "none"}, full=True), flops({"name": "none"}) / T
     skip_s = {m: step_median(two_full(m), full=False) for m in METHODS}
     skip_f = {m: (flops(two_full(m)) - 2 * full_f) / (T - 2) for m in METHODS}

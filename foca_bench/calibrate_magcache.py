@@ -11,6 +11,7 @@ averaged over the samples. It prints the YAML for the model's `method_defaults.d
 """
 
 import sys
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,8 +23,8 @@ from foca_bench.hooks import CacheEngine, hidden_states
 from foca_bench.records import write_calibration
 
 
-def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds: list[int],
-                     num_classes: int) -> list[float]:
+def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds: list[int], num_classes: int,
+                     guided_channels: Optional[int] = None, lineage: str = "diffusers") -> list[float]:
     """Per-step magnitude ratios of the block stack's residual, averaged over one generation per seed."""
     blocks = adapter.transformer.transformer_blocks
     inputs: list[Tensor] = []
@@ -38,7 +39,8 @@ def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds:
                 inputs.clear()
                 outputs.clear()
                 labels = torch.tensor([seed % max(num_classes, 1)])
-                adapter.generate(engine, labels, adapter.make_noise([seed]), steps, guidance_scale)
+                adapter.generate(engine, labels, adapter.make_noise([seed]), steps, guidance_scale, guided_channels,
+                                 lineage=lineage)
                 norms = [torch.linalg.norm((out - inp).float(), dim=-1) for inp, out in zip(inputs, outputs)]
                 per_seed.append([1.0] + [(new / (old + 1e-8)).mean().item() for old, new in zip(norms, norms[1:])])
     finally:
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> dict:
     validate(cfg)
     adapter = build_adapter(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
     ratios = magnitude_ratios(adapter, cfg.sampler.steps, cfg.sampler.guidance_scale, list(range(knobs["samples"])),
-                              cfg.model.num_classes)
+                              cfg.model.num_classes, cfg.sampler.guided_channels, cfg.sampler.lineage)
     model = cfg.model.name
     result = {"model": model, "overrides": overrides, "samples": knobs["samples"], "steps": cfg.sampler.steps,
               "mag_ratios": ratios}

@@ -61,7 +61,8 @@ def measure(overrides: list[str], samples: int) -> tuple[np.ndarray, np.ndarray,
             for s in range(samples):
                 outputs.clear()
                 labels = torch.tensor([s % max(cfg.model.num_classes, 1)])
-                adapter.generate(engine, labels, adapter.make_noise([s]), cfg.sampler.steps, cfg.sampler.guidance_scale)
+                adapter.generate(engine, labels, adapter.make_noise([s]), cfg.sampler.steps, cfg.sampler.guidance_scale,
+                                 cfg.sampler.guided_channels, lineage=cfg.sampler.lineage)
                 xs += method.changes
                 ys += [relative_l1(new, old) for old, new in zip(outputs, outputs[1:])]
     finally:

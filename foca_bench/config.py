@@ -28,6 +28,7 @@ class ModelConfig:
         weights: `pretrained` (load `path`/`hub_id`), `random` (same classes, random init) or `meta` (no
             memory, FLOP counting only).
         warmup: the model's default `cache.warmup`.
+        lineage: the model's default `sampler.lineage`.
         method_defaults: settings that depend on the model and the method together, by method name (e.g.
             `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
         text_tokens: prompt length in tokens of a text-conditioned model (FLUX's T5 `max_sequence_length`).
@@ -39,8 +40,9 @@ class ModelConfig:
         compile: a `torch.compile` backend (`inductor`) for the attention, MLP and fused modules of the cache
             sites (`hooks.compile_sites`: the caching logic stays eager, nothing recompiles per step); null: eager.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
-            pooled embeddings) once per generation instead of once per block and step; same values, same FLOPs,
-            less per-step overhead for full and skipped steps alike. `false` computes them step by step.
+            pooled embeddings) once per generation instead of once per block and step; same FLOPs, less per-step
+            overhead for full and skipped steps alike, values equal up to float32 rounding (the batched matmul
+            rounds differently, ~1e-7 relative; docs/methods.md). `false` computes them step by step.
     """
 
     name: str = MISSING
@@ -52,6 +54,7 @@ class ModelConfig:
     num_classes: int = 0
     guidance_scale: float = 1.0
     warmup: int = 1
+    lineage: str = "diffusers"
     dtype: str = "float32"
     arch: Dict[str, Any] = field(default_factory=dict)
     scheduler: Dict[str, Any] = field(default_factory=dict)
@@ -87,12 +90,18 @@ class SamplerConfig:
     """Attributes:
     steps: number of denoising steps (the paper's "DDIM-k steps" rows are `method=none sampler.steps=k`).
     guidance_scale: classifier-free guidance; null takes `model.guidance_scale`.
-    guided_channels: null guides every output channel (diffusers' DiTPipeline); 3 guides only the first three
-        latent channels, as DiT's reference `forward_with_cfg` does.
+    lineage: whose sampling loop runs the model: `diffusers` (the diffusers pipeline's scheduler and guidance) or,
+        for DiT models, `dit` (the original DiT repository's respaced DDIM and 3-channel guidance, which the code
+        behind the paper's DiT-XL/2 rows builds on; `foca_bench/adapters/dit_sampler.py`); null takes
+        `model.lineage`.
+    guided_channels: how many leading latent channels classifier-free guidance applies to (the others follow the
+        conditional branch); null: the lineage's (`diffusers`: every channel, as DiTPipeline; `dit`: the first
+        three, as DiT's `forward_with_cfg`).
     """
 
     steps: int = 50
     guidance_scale: Optional[float] = None
+    lineage: Optional[str] = None
     guided_channels: Optional[int] = None
 
 
@@ -323,6 +332,15 @@ def split_knobs(argv: list[str], prefix: str, knobs: dict[str, int]) -> list[str
     return overrides
 
 
+def model_method_defaults(model: str, method: str) -> dict:
+    """The `cache.*` values a method takes on a model by default: `conf/model_method/<model>_<method>.yaml`, which
+    the defaults list (`conf/config.yaml`) composes when it exists (e.g. FORA's official FLUX schedule)."""
+    from foca_bench import REPO_DIR
+
+    path = REPO_DIR / "conf" / "model_method" / f"{model}_{method}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+
+
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
     """How many of `steps` steps the method's schedule (`CacheMethod.is_full`) computes in full."""
     is_full = methods.get(cache.name)(cache).is_full
@@ -368,6 +386,14 @@ def validate(cfg: DictConfig) -> CacheConfig:
         cfg.model.weights = "meta"
     if cfg.sampler.guidance_scale is None:
         cfg.sampler.guidance_scale = cfg.model.guidance_scale
+    if cfg.sampler.lineage is None:
+        cfg.sampler.lineage = cfg.model.lineage
+    from foca_bench.adapters import ADAPTERS  # cheap: adapters import diffusers only when they load a model
+
+    lineages = ADAPTERS[cfg.model.name].lineages if cfg.model.name in ADAPTERS else ("diffusers",)
+    if cfg.sampler.lineage not in lineages:
+        raise ValueError(f"sampler.lineage={cfg.sampler.lineage}: model `{cfg.model.name}` runs "
+                         f"{' or '.join(lineages)} (`dit`, the DiT repository's sampler, is for DiT models).")
     cache = OmegaConf.to_object(cfg.cache)  # runs the method's __post_init__ checks
     method_cls = methods.get(cache.name)
     if method_cls.adaptive and cfg.model.weights == "meta":

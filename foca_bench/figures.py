@@ -62,7 +62,7 @@ def forecast_errors(trace: dict[str, torch.Tensor], N: int, warmup: int = 1) -> 
     full steps (exact by construction)."""
     sites = _site_tensors(trace)
     T = len(trace["times"])
-    schedule = methods.build({"name": "fora", "N": N, "warmup": warmup})  # the interval methods' shared schedule
+    schedule = methods.build({"name": "reuse", "N": N, "warmup": warmup})  # the shared interval schedule
     full = torch.tensor([schedule.is_full(i) for i in range(T)])
     out = {}
     for name, (method, cfg) in FORECASTERS.items():

@@ -84,7 +84,8 @@ def generate_batches(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labe
         for batch in tqdm(grid, desc=desc, disable=desc is None, unit="batch"):
             noise = adapter.make_noise([seeds[i] for i in batch])
             latents = adapter.generate(engine, labels[batch.start : batch.stop], noise, cfg.sampler.steps,
-                                       cfg.sampler.guidance_scale, cfg.sampler.guided_channels)
+                                       cfg.sampler.guidance_scale, cfg.sampler.guided_channels,
+                                       lineage=cfg.sampler.lineage)
             yield batch, (latents if latents.device.type == "meta" else adapter.decode(latents))
         # the engine's counters restart every generation; diffusers' hooks (external methods) do not report theirs
         stats["full_steps_per_generation"] = None if method.external else engine.full_steps
@@ -209,6 +210,9 @@ def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
     config["model"].pop("tiny", None)  # its values are merged into the model's keys when size=tiny, unused else
     if config["model"].get("size") == "full":
         config["model"].pop("size")
+    config["model"].pop("lineage", None)  # only a default: the sampler's lineage is what ran
+    if config["sampler"].get("lineage") == "diffusers":  # the lineage every run had before it: ids stay
+        config["sampler"].pop("lineage")
     if not cfg.profile.benchmark:
         config.pop("benchmark", None)
     for key in list(config.get("benchmark", {})):  # where files are and how work is split change no sample
@@ -311,7 +315,7 @@ def _base_record(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, be
                  adapter: Adapter, malloc: Optional[dict]) -> dict:
     return {"run_id": rid, "benchmark": bench_name, "model": cfg.model.name, "method": cache.name, "config": config,
             "environment": environment(), "world_size": 1, "device": device,
-            "sampler_provenance": adapter.provenance(), "malloc": malloc}
+            "sampler_provenance": adapter.provenance(cfg.sampler), "malloc": malloc}
 
 
 def sample_folder(cfg: DictConfig, benchmark: Any, cache: CacheConfig, rid: str) -> Path:

@@ -20,6 +20,7 @@ import yaml
 
 import methods
 from foca_bench import REPO_DIR
+from foca_bench.config import model_method_defaults
 from foca_bench.records import group_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
@@ -86,12 +87,14 @@ def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     a row, nor is a knob at the model's own default (`model.method_defaults`, e.g. TaylorSeer's first_enhance)."""
     cache = _cache(record)
     cls = methods.get(record["method"])
+    specialized = model_method_defaults(record["model"], record["method"])
     defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
     defaults.update(record["config"]["model"].get("method_defaults", {}).get(record["method"]) or {})  # the model's
+    defaults.update(specialized)  # conf/model_method/<model>_<method>.yaml
     always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
     knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", "steps", *cls.model_specific)
              and (v != defaults.get(k) or k in always)]
-    if "warmup" in cache and cache["warmup"] != record["config"]["model"]["warmup"]:
+    if "warmup" in cache and cache["warmup"] != specialized.get("warmup", record["config"]["model"]["warmup"]):
         knobs.append("warmup")
     return knobs
 

@@ -26,7 +26,10 @@ EXACT = {"teacache": {"l": 0.0, "coefficients": [1.0, 0.0]}, "diffusers_fbcache"
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
-def test_n1_equals_none_exactly(adapter, name):
+def test_n1_equals_none_exactly(per_step_adapter, name):
+    """Per-step conditioning on both sides: methods that skip whole blocks (reuse, teacache, delta_dit) take that
+    path anyway, and the precomputed table rounds differently (test_precomputed_conditioning_...)."""
+    adapter = per_step_adapter
     reference, _ = generate(adapter, "none")
     out, engine = generate(adapter, name, **EXACT.get(name, {"N": 1}))
     assert engine.full_steps == STEPS
@@ -128,7 +131,7 @@ def test_replay_reproduces_live_generation_exactly(adapter, cache):
 
 def test_named_cfg_contexts_keep_separate_caches(adapter):
     """Separate cond/uncond passes get separate state (later models run CFG as two passes)."""
-    method = methods.build({"name": "fora", "N": 2, "warmup": 0})
+    method = methods.build({"name": "fora", "N": 2, "warmup": 0, "anchor": "first"})  # step 1 skipped
     attn = adapter.transformer.transformer_blocks[0].attn1
     x_cond, x_uncond = torch.randn(1, 64, 32), torch.randn(1, 64, 32)
     with CacheEngine(method, adapter.sites()) as engine:
@@ -217,11 +220,14 @@ def per_step_adapter():
 
 @pytest.mark.parametrize("cache", [dict(name="none"), dict(name="foca", N=3), dict(name="teacache", l=0.1)])
 def test_precomputed_conditioning_equals_the_per_step_path(adapter, per_step_adapter, cache):
-    """One batched embedding per block and generation gives bit-identical samples to per-step embeddings."""
+    """One batched embedding per block and generation gives the per-step path's samples up to float32 rounding:
+    the (T x 2B)-row matmul rounds differently from the 2B-row one (here 9e-6 / 4e-6 relative L2 for none / FoCa;
+    a wrong step's embedding would be off by ~1e-1). TeaCache takes the per-step path either way: bit for bit."""
     assert adapter.cfg.precompute_conditioning and not per_step_adapter.cfg.precompute_conditioning
     extra = {"coefficients": [1.0, 0.0]} if cache["name"] == "teacache" else {}
     outs = [generate(a, **cache, **extra)[0] for a in (adapter, per_step_adapter)]
-    assert torch.equal(outs[0], outs[1])
+    assert (outs[0] - outs[1]).norm() / outs[1].norm() < 1e-4
+    assert torch.equal(outs[0], outs[1]) or cache["name"] != "teacache"
 
 
 def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapter, per_step_adapter, monkeypatch):

@@ -48,7 +48,8 @@ def tiny():
 def test_skipped_step_saves_exactly_the_site_flops(tiny):
     cfg, adapter = tiny
     full_step = flops_of(adapter, {"name": "none"}, 1)
-    two_steps = flops_of(adapter, {"name": "fora", "N": 99, "warmup": 0}, 2)  # step 0 full, step 1 skipped
+    step1_skipped = {"name": "fora", "N": 99, "warmup": 0, "anchor": "first"}  # step 0 full, step 1 skipped
+    two_steps = flops_of(adapter, step1_skipped, 2)
     skipped_step = two_steps - full_step
     arch = dict(cfg.model.arch)
     assert full_step - skipped_step == analytic_site_flops(arch, batch=2)  # CFG doubles the batch
@@ -60,7 +61,7 @@ def test_whole_generation_count_equals_schedule_composition(tiny, cache):
     _, adapter = tiny
     steps = 12
     full_step = flops_of(adapter, {"name": "none"}, 1)
-    skipped_step = flops_of(adapter, {"name": "fora", "N": 99, "warmup": 0}, 2) - full_step
+    skipped_step = flops_of(adapter, {"name": "fora", "N": 99, "warmup": 0, "anchor": "first"}, 2) - full_step
     config = methods.build({**cache, "warmup": 1}).cfg
     n_full = schedule_full_steps(config, steps)
     assert flops_of(adapter, {**cache, "warmup": 1}, steps) == n_full * full_step + (steps - n_full) * skipped_step

@@ -63,10 +63,12 @@ def flux_steps():
     return step_flops("flux")
 
 
-# the paper's Table 1 FLOPs (T) and the full-step counts its rows imply with warmup 2 over 50 steps
+# the paper's Table 1 FLOPs (T) and the full-step counts its rows imply with warmup 2 over 50 steps (FORA: its
+# official FLUX schedule, i = 0 (mod N) with no warm-up; the paper's N=3 figure fits no whole number of full steps
+# and its N=7 one 9 full steps, where that schedule computes 8)
 TABLE1 = [("FLUX.1[dev] 50 steps", 50, 0, 3719.50), ("60% steps", 30, 0, 2231.70), ("34% steps", 17, 0, 1264.63),
           ("22% steps", 11, 0, 818.29), ("TaylorSeer N=4", 14, 36, 1042.27), ("FoCa N=5", 12, 38, 893.54),
-          ("FoCa N=7", 9, 41, 670.44), ("FoCa N=8", 8, 42, 596.07)]
+          ("FoCa N=7", 9, 41, 670.44), ("FoCa N=8", 8, 42, 596.07), ("FORA N=4", 13, 37, 967.91)]
 
 
 @pytest.mark.parametrize("row,full_steps,skipped_steps,paper", TABLE1)
@@ -77,7 +79,8 @@ def test_flux_flops_match_table_1(flux_steps, row, full_steps, skipped_steps, pa
     assert ours == pytest.approx(paper, rel=5e-3), f"{row}: {ours:.2f} T vs paper {paper} T"
 
 
-@pytest.mark.parametrize("name,N,full_steps", [("foca", 5, 12), ("foca", 7, 9), ("foca", 8, 8), ("taylorseer", 4, 14)])
+@pytest.mark.parametrize("name,N,full_steps", [("foca", 5, 12), ("foca", 7, 9), ("foca", 8, 8), ("taylorseer", 4, 14),
+                                                ("fora", 3, 17), ("fora", 4, 13), ("fora", 7, 8)])
 def test_flux_default_warmup_gives_table_1s_full_step_counts(name, N, full_steps):
     from foca_bench.config import schedule_full_steps
 

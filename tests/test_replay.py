@@ -259,3 +259,18 @@ def test_foca_skipped_run_reuses_its_own_buffers_only():
     expected = expected_foca(f, [float(i) for i in range(8)], full, "local", "heun")
     for (_, value), e in zip(outs, expected):
         assert value[0].item() == pytest.approx(e, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("slope", ["local", "full"])
+def test_foca_start_up_reuse_happens_with_warmup_0_not_1(slope):
+    """`warmup=1` computes steps 0 and 1, so FoCa is exact on a line from the start; `warmup=0` skips step 1, whose
+    reuse of F_0 stays in the trajectory (docs/methods.md): errors 3, 6 in the first window, then -3, -4.5 (local
+    slope) or -1, -7/6 (`slope=full`) in the second."""
+    f = TRAJECTORIES["linear"]
+    grid = GRIDS["uniform"]
+    exact = as_tensors(f, grid, schedule(3, 1))
+    torch.testing.assert_close(replay("foca", *exact, slope=slope), exact[0], rtol=0, atol=1e-12)
+    values, times, mask = as_tensors(f, grid, schedule(3, 0))
+    error = (replay("foca", values, times, mask, slope=slope) - values)[:6, 0].tolist()
+    second = [-3.0, -4.5] if slope == "local" else [-1.0, -7 / 6]
+    assert error == pytest.approx([0.0, 3.0, 6.0, 0.0, *second], abs=1e-12)

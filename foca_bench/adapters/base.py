@@ -23,6 +23,7 @@ class Adapter(ABC):
     """
 
     vae: Optional[torch.nn.Module] = None  # set by adapters whose latents a VAE decodes
+    lineages: tuple[str, ...] = ("diffusers",)  # the sampler lineages (`sampler.lineage`) its loop can run
 
     def __init__(self, cfg: Any, device: str) -> None:
         self.cfg = cfg
@@ -39,8 +40,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
-        """Runs the sampling loop; returns latents (B, C, H, W)."""
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
+        """Runs the sampling loop of `lineage` (one of `lineages`); returns latents (B, C, H, W)."""
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
@@ -70,6 +71,7 @@ class Adapter(ABC):
 
         return isinstance(try_to_load_from_cache(location, f"{subfolder}/config.json"), str)
 
-    def provenance(self) -> dict:
-        """Sampler facts that change numbers (scheduler, guidance convention, TF32...), stored in records."""
+    def provenance(self, sampler: Optional[Any] = None) -> dict:
+        """Sampler facts that change numbers (lineage, scheduler, guidance convention, TF32...) under the run's
+        `sampler` config, stored in records."""
         return {}

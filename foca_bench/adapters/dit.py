@@ -3,8 +3,13 @@
 Serves `toy_dit` (the embedded digits model) and `dit_xl_2` (the paper's Table 3 model). Cache sites, as
 TaylorSeer's DiT code caches them: per `BasicTransformerBlock`, the self-attention output (`attn1`) and the
 feed-forward output (`ff`), both before adaLN-Zero gating and the residual add; plus the whole model output
-(`model`) for methods that reuse it. The sampling loop is diffusers' `DiTPipeline.__call__` with the caching
-engine's step context around the transformer call and DiT's optional 3-channel guidance.
+(`model`) for methods that reuse it. The sampling loop runs the caching engine's step context around the
+transformer call, in one of two lineages (`sampler.lineage`):
+- `diffusers`: `DiTPipeline.__call__`: `DDIMScheduler` (leading spacing 980, 960, ..., 0), guidance on every channel;
+- `dit`: the original DiT repository's (facebookresearch/DiT), which the code behind the paper's DiT-XL/2 rows
+  builds on: respaced DDIM (999, 979, ..., 20, 0; `dit_sampler.py`) and `forward_with_cfg`'s guidance on the
+  first three latent channels (the fourth follows the conditional branch).
+`sampler.guided_channels` overrides the lineage's number of guided channels.
 """
 
 import contextlib
@@ -18,6 +23,7 @@ from tqdm import tqdm
 from foca_bench import ASSETS_DIR
 from foca_bench.adapters import register_adapter
 from foca_bench.adapters.base import Adapter, MissingWeightsError
+from foca_bench.adapters.dit_sampler import RespacedDDIM
 from foca_bench.hooks import CacheEngine, Site, first_token, hidden_states
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
@@ -64,6 +70,9 @@ def _attention_received(attn: nn.Module):
 
 @register_adapter("toy_dit", "dit_xl_2")
 class DiTAdapter(Adapter):
+    lineages = ("diffusers", "dit")
+    DIT_GUIDED_CHANNELS = 3  # forward_with_cfg: `eps, rest = model_out[:, :3], model_out[:, 3:]`
+
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)
         self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
@@ -172,39 +181,47 @@ class DiTAdapter(Adapter):
 
     @torch.inference_mode()
     def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
         cfg = guidance_scale > 1.0
         engine.reset(batched_cfg=cfg)  # every generation starts from a clean cache
-        self.scheduler.set_timesteps(steps)
+        if guided_channels is None:
+            guided_channels = self.DIT_GUIDED_CHANNELS if lineage == "dit" else self.latent_channels
+        if lineage == "dit":
+            ddim = RespacedDDIM(self.cfg.scheduler, steps)
+            timesteps = ddim.timesteps
+            denoise = lambda eps, i, t, x: ddim.step(eps, i, x)
+        elif lineage == "diffusers":
+            self.scheduler.set_timesteps(steps)
+            timesteps = self.scheduler.timesteps
+            denoise = lambda eps, i, t, x: self.scheduler.step(eps, t, x).prev_sample
+        else:
+            raise ValueError(f"sampler.lineage={lineage!r}: choose from {self.lineages}.")
         labels = labels.to(self.device)
         if cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
         x = noise
-        timesteps = self.scheduler.timesteps
         t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
         # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT) leave some conditioning
         # unused: they keep the per-step path, so no FLOPs are spent on embeddings nobody reads
         per_step = any(site.role in ("model", "blocks", "block") for site in engine.sites)
         with self._conditioning(t_all, labels, precompute=not per_step) as conditioning:
             for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
-                model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG
-                model_in = self.scheduler.scale_model_input(model_in, t)
+                model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG (DDIM's input scaling is 1)
                 t_in = t_all[i]
                 with conditioning(i, t_in), engine.step(i, float(t), len(timesteps)):
                     out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
-                x = self._guided_step(out, t, x, cfg, guidance_scale, guided_channels)
+                x = denoise(self._guided_eps(out, cfg, guidance_scale, guided_channels), i, t, x)
         return x
 
-    def _guided_step(self, out: Tensor, t: Tensor, x: Tensor, cfg: bool, guidance_scale: float,
-                     guided_channels: Optional[int]) -> Tensor:
-        c = self.latent_channels
-        eps = out[:, :c] if self.learned_sigma else out  # drop the learned variance
-        if cfg:
-            cond, uncond = eps.chunk(2)
-            k = c if guided_channels is None else guided_channels
-            guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
-            eps = torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
-        return self.scheduler.step(eps, t, x).prev_sample
+    def _guided_eps(self, out: Tensor, cfg: bool, guidance_scale: float, guided_channels: int) -> Tensor:
+        """The conditional half's epsilon, its first `guided_channels` channels guided (B, C, H, W)."""
+        eps = out[:, :self.latent_channels] if self.learned_sigma else out  # drop the learned variance
+        if not cfg:
+            return eps
+        cond, uncond = eps.chunk(2)
+        k = guided_channels
+        guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
 
     @contextmanager
     def _conditioning(self, timesteps: Tensor, labels: Tensor,
@@ -217,8 +234,9 @@ class DiTAdapter(Adapter):
         (any other call, a probe or another batch, computes as usual):
         - `model.precompute_conditioning=true` (and `precompute`): from a table evaluated once over all (step,
           sample) rows before sampling. A skipped step cannot avoid its conditioning, and on a small model its
-          per-op cost is a large share of a skipped step; batched, it nearly vanishes. Bit-identical on the
-          tested CPU/float32 path (tests/test_engine.py compares both paths).
+          per-op cost is a large share of a skipped step; batched, it nearly vanishes. Equal up to float32
+          rounding, not bit for bit in general: the batched matmul rounds differently (~1e-7 relative per
+          embedding; docs/methods.md has the measured effect on samples).
         - otherwise: computed at its first call in the step and reused by the final layer's repeat call.
         Both count the same FLOPs: one embedding per block and step. The adapter passes `precompute=False` when
         a method may skip whole blocks or the whole model (`reuse`, `teacache`, `delta_dit`), whose skipped blocks
@@ -280,11 +298,17 @@ class DiTAdapter(Adapter):
         vae = self.require_vae()
         return self.to_unit(vae.decode(latents / vae.config.scaling_factor).sample)
 
-    def provenance(self) -> dict:
-        return {
-            "pipeline": "diffusers DiTPipeline loop (foca_bench/adapters/dit.py)",
-            "scheduler": type(self.scheduler).__name__,
-            "scheduler_config": dict(self.scheduler.config),
-            "learned_sigma": self.learned_sigma,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        }
+    def provenance(self, sampler: Optional[Any] = None) -> dict:
+        lineage = sampler.lineage if sampler is not None else "diffusers"
+        guided = sampler.guided_channels if sampler is not None else None
+        common = {"lineage": lineage, "learned_sigma": self.learned_sigma,
+                  "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+        if lineage == "dit":
+            return {"pipeline": "the DiT repository's sampler (facebookresearch/DiT: create_diffusion(str(steps)), "
+                                "ddim_sample_loop, forward_with_cfg), as foca_bench/adapters/dit_sampler.py",
+                    "scheduler": "respaced DDIM, eta=0 (timesteps round(k (1000-1)/(steps-1)), float64 schedule)",
+                    "guided_channels": self.DIT_GUIDED_CHANNELS if guided is None else guided,
+                    "scheduler_config": dict(self.cfg.scheduler), **common}
+        return {"pipeline": "diffusers DiTPipeline loop (foca_bench/adapters/dit.py)",
+                "scheduler": type(self.scheduler).__name__, "scheduler_config": dict(self.scheduler.config),
+                "guided_channels": self.latent_channels if guided is None else guided, **common}

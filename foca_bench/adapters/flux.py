@@ -9,7 +9,7 @@ T5/CLIP embeddings from the pipeline's text encoders (`model.weights=pretrained`
 the same shapes for `random` and `meta` weights (FLOPs and timing do not depend on their values).
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ class FluxAdapter(MMDiTAdapter):
 
     @torch.inference_mode()
     def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
         from diffusers import FluxPipeline
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -111,7 +111,7 @@ class FluxAdapter(MMDiTAdapter):
         unpacked = FluxPipeline._unpack_latents(latents, self.cfg.resolution, self.cfg.resolution, VAE_SCALE)
         return self.to_unit(vae.decode(unpacked / vae.config.scaling_factor + vae.config.shift_factor).sample)
 
-    def provenance(self) -> dict:
+    def provenance(self, sampler: Optional[Any] = None) -> dict:
         return {
             "pipeline": "diffusers FluxPipeline loop (foca_bench/adapters/flux.py)",
             "scheduler": type(self.scheduler).__name__,

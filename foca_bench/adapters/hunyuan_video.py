@@ -99,7 +99,7 @@ class HunyuanVideoAdapter(MMDiTAdapter):
 
     @torch.inference_mode()
     def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
         engine.reset()  # every generation starts from a clean cache
         B = noise.shape[0]
         cond = self._prompt_embeddings(labels)
@@ -135,7 +135,7 @@ class HunyuanVideoAdapter(MMDiTAdapter):
         vae = self.require_vae()
         return self.to_unit(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0])
 
-    def provenance(self) -> dict:
+    def provenance(self, sampler: Optional[Any] = None) -> dict:
         return {
             "pipeline": "diffusers HunyuanVideoPipeline loop (foca_bench/adapters/hunyuan_video.py)",
             "scheduler": type(self.scheduler).__name__,
