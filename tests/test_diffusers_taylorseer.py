@@ -56,7 +56,9 @@ def test_replay_equals_diffusers_state_on_the_same_schedule(order, d, N):
 
 
 class _DiffusersSchedule(TaylorSeer):
-    """Our TaylorSeer on diffusers' schedule (to compare whole generations)."""
+    """Our TaylorSeer on diffusers' schedule (to compare whole generations). diffusers' `TaylorSeerState.update`
+    forms difference factors from its second update on, which is our `first_enhance=1` (our default, the official
+    code's start, forms them only at full steps i > first_enhance - 2 = warmup - 1)."""
 
     d = 2
 
@@ -74,7 +76,7 @@ def test_whole_generation_equals_diffusers_taylorseer_cache_on_a_tiny_dit(order,
     labels, noise = torch.tensor([1, 7]), ours_adapter.make_noise([0, 1])
     steps = 12
 
-    method = _DiffusersSchedule(TaylorSeerConfig(N=N, O=order, warmup=_DiffusersSchedule.d, time="step"))
+    method = _DiffusersSchedule(TaylorSeerConfig(N=N, O=order, warmup=_DiffusersSchedule.d, time="step", first_enhance=1))
     with CacheEngine(method, ours_adapter.sites()) as engine:
         ours = ours_adapter.generate(engine, labels, noise, steps, 3.0)
         assert engine.full_steps == sum(diffusers_full(i, 2, N) for i in range(steps)) < steps
@@ -112,7 +114,7 @@ def test_method_diffusers_taylorseer_equals_ours_on_its_schedule_and_resets_betw
     external = methods.build({"name": "diffusers_taylorseer", "N": 3, "O": 1, "warmup": 2})
     first, second = _generate(tiny, external), _generate(tiny, external)
     assert torch.equal(first, second)  # diffusers' state is reset at every generation
-    ours = _generate(tiny, _DiffusersSchedule(TaylorSeerConfig(N=3, O=1, warmup=2, time="step")))
+    ours = _generate(tiny, _DiffusersSchedule(TaylorSeerConfig(N=3, O=1, warmup=2, time="step", first_enhance=1)))
     torch.testing.assert_close(first, ours, rtol=1e-5, atol=1e-5)
     assert all("forward" not in m.__dict__ for m in tiny.transformer.modules())  # hooks removed on exit
 
