@@ -57,8 +57,15 @@ def test_every_model_runs_every_method_end_to_end(adapters, model, method):
     assert torch.equal(images, _images(adapter, cfg, cache))  # reset between generations: same seeds, same output
     reference = _images(adapter, *_config(model, "none"))
     if not methods.get(method).schedule_free:  # an interval method computing every step is the uncached model
-        every = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", "cache.N=1")
-        assert torch.equal(_images(adapter, every, validate(every)), reference), f"{model} x {method} at N=1"
+        # bit for bit on one conditioning path: methods that skip whole blocks (reuse, Delta-DiT, DuCa) take the
+        # per-step one, whose embeddings round differently from the precomputed table (test_engine bounds that)
+        precompute, adapter.cfg.precompute_conditioning = adapter.cfg.precompute_conditioning, False
+        try:
+            every = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", "cache.N=1")
+            per_step_reference = _images(adapter, *_config(model, "none"))
+            assert torch.equal(_images(adapter, every, validate(every)), per_step_reference), f"{model} x {method} at N=1"
+        finally:
+            adapter.cfg.precompute_conditioning = precompute
     rel = ((images - reference).norm() / reference.norm()).item()
     REPORTED.setdefault("relative error of the decoded output against method=none, "
                         f"{STEPS} steps (test_model_zoo)", {})[f"{model} x {method}"] = f"{rel:.4f}"
