@@ -177,8 +177,10 @@ class DiTAdapter(Adapter):
         engine.reset(batched_cfg=cfg)  # every generation starts from a clean cache
         self.scheduler.set_timesteps(steps)
         labels = labels.to(self.device)
+        uncond_first = cfg and engine.method.uncond_first  # FasterCache's hooks read the batch as [uncond; cond]
         if cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
+            null = torch.full_like(labels, self.null_class)
+            labels = torch.cat([null, labels] if uncond_first else [labels, null])  # (2B,)
         x = noise
         timesteps = self.scheduler.timesteps
         t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
@@ -192,15 +194,15 @@ class DiTAdapter(Adapter):
                 t_in = t_all[i]
                 with conditioning(i, t_in), engine.step(i, float(t), len(timesteps)):
                     out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
-                x = self._guided_step(out, t, x, cfg, guidance_scale, guided_channels)
+                x = self._guided_step(out, t, x, cfg, guidance_scale, guided_channels, uncond_first)
         return x
 
     def _guided_step(self, out: Tensor, t: Tensor, x: Tensor, cfg: bool, guidance_scale: float,
-                     guided_channels: Optional[int]) -> Tensor:
+                     guided_channels: Optional[int], uncond_first: bool = False) -> Tensor:
         c = self.latent_channels
         eps = out[:, :c] if self.learned_sigma else out  # drop the learned variance
         if cfg:
-            cond, uncond = eps.chunk(2)
+            cond, uncond = eps.chunk(2)[::-1] if uncond_first else eps.chunk(2)
             k = c if guided_channels is None else guided_channels
             guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
             eps = torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
