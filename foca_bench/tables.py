@@ -26,9 +26,12 @@ PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
                 "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "diffusers TaylorSeer",
                 "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB", "toca": "ToCa",
-                "duca": "DuCa", "diffusers_magcache": "diffusers MagCache"}
-ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),
-                "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",)}  # as the paper's labels do
+                "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
+                "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
+                "diffusers_fastercache": "diffusers FasterCache"}
+ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
+                "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
+                **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")}}
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
