@@ -23,7 +23,7 @@ from foca_bench.profiling import count_flops
 from tests.conftest import TINY_MODELS, make_cfg
 from tests.test_flops import analytic_site_flops
 
-STEPS = 12
+STEPS = 8
 CACHE_DIT = ("dbcache", "cachedit_taylorseer", "cachedit_foca")
 
 
@@ -54,8 +54,10 @@ def cachedit(name, steps=STEPS, **knobs):
     return methods.build({"name": name, "Fn": 1, "Bn": 0, "steps": steps, **knobs})
 
 
-@pytest.mark.parametrize("model", ["toy_dit", "flux", "hunyuan_video"])
+@pytest.mark.parametrize("model", ["toy_dit", pytest.param("flux", marks=pytest.mark.slow),
+                                   pytest.param("hunyuan_video", marks=pytest.mark.slow)])
 def test_threshold_zero_equals_full_compute_exactly(adapters, model):
+    """(slow on FLUX and HunyuanVideo: both block stacks, cache-dit's FLUX layout and HunyuanVideo's two stacks)"""
     cfg, adapter = adapters(model)
     reference, _ = generate(adapter, cfg, methods.build({"name": "none"}))
     for name in CACHE_DIT:
@@ -116,12 +118,13 @@ def _expected_cached_steps(residuals, threshold, warmup, max_cached=-1, max_cont
     return cached
 
 
-@pytest.mark.parametrize("knobs", [dict(threshold=0.15, max_warmup_steps=2),
-                                   dict(threshold=0.5, max_warmup_steps=1, max_continuous_cached_steps=2),
-                                   dict(threshold=0.5, max_warmup_steps=3, max_cached_steps=4)])
+@pytest.mark.parametrize("knobs", [
+    dict(threshold=0.15, max_warmup_steps=2),
+    pytest.param(dict(threshold=0.5, max_warmup_steps=1, max_continuous_cached_steps=2), marks=pytest.mark.slow),
+    pytest.param(dict(threshold=0.5, max_warmup_steps=3, max_cached_steps=4), marks=pytest.mark.slow)])
 def test_cached_steps_follow_dbcaches_rule_on_the_residuals_it_saw(adapters, knobs):
     """On the trained toy (smooth trajectories), the Fn block's residual recorded at every step of the cached run
-    itself; cache-dit's cached steps equal the emulation's."""
+    itself; cache-dit's cached steps equal the emulation's (slow: the step limits' settings)."""
     cfg, adapter = adapters("toy")
     residuals = []
     block = adapter.transformer.transformer_blocks[0]
@@ -207,10 +210,11 @@ def test_foca_calibrator_forecasts_by_its_heun_rule(adapters, monkeypatch):
                                 for i, (kind, _) in enumerate(stream) if kind == "forecast")
 
 
-@pytest.mark.parametrize("name", CACHE_DIT)
+@pytest.mark.parametrize("name", ["dbcache", *(pytest.param(n, marks=pytest.mark.slow) for n in CACHE_DIT[1:])])
 def test_flops_are_full_steps_plus_cached_steps_without_the_skipped_blocks(adapters, name):
     """Tiny DiT (2 blocks, CFG batch 2), Fn=1, Bn=0: a cached step does not run block 1, whose FLOPs are its
-    attention and MLP plus its adaLN-Zero modulation (a D -> 6D linear per sample)."""
+    attention and MLP plus its adaLN-Zero modulation (a D -> 6D linear per sample). Slow for the calibrators (their
+    forecasts count no FLOPs: the same closed form)."""
     cfg, adapter = adapters("toy_dit")
     arch = dict(cfg.model.arch)
     D, batch = arch["num_attention_heads"] * arch["attention_head_dim"], 2
