@@ -10,9 +10,8 @@ batched-CFG forward such as DiT's is one context.
 Three kinds of site: a module whose output is cached (attention, MLP, the whole model); a residual stack of
 blocks whose residual is cached (`Site.residual`: TeaCache's whole stack, Δ-DiT's single blocks); and, for
 external methods (`diffusers_*`, cache-dit's `dbcache`, `cachedit_*`), no site at all: the other project's hooks go
-on the model (`foca_bench.external`). Which sites
-compute at a step is the plan's (`CacheMethod.computes`, per site) or, for adaptive methods, `decide` on a
-signal the adapter derives from the site's input.
+on the model (`foca_bench.external`). Which sites compute at a step is the plan's (`CacheMethod.computes`, per
+site) or, for adaptive methods, `decide` on a signal the adapter derives from the site's input.
 """
 
 from collections import defaultdict

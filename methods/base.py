@@ -132,7 +132,7 @@ class CacheMethod(ABC):
     schedule_free: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
     tokenwise: ClassVar[bool] = False  # recomputes selected tokens at partial steps (`select`, `update_tokens`)
-    external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
+    external: ClassVar[bool] = False  # run by diffusers' or cache-dit's hooks (foca_bench.external), not our engine
     uncond_first: ClassVar[bool] = False  # batched CFG as [uncond; cond] (FasterCache), not [cond; uncond]
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
