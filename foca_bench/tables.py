@@ -84,7 +84,8 @@ def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     a row."""
     cache = record["config"]["cache"]
     cls = methods.get(record["method"])
-    defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # list-valued knobs
+                for f in dataclasses.fields(cls.config_class)}
     always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
     knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", "steps", *cls.model_specific)
              and (v != defaults.get(k) or k in always)]
