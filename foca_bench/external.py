@@ -167,9 +167,10 @@ class CacheDiT:
     - Reset: `cache_dit.refresh_context` re-creates every cache context (and its calibrators) before a generation.
     - Workaround for cache-dit's transformer-only mode: `enable_cache` sets `_is_cached` on the class of the
       placeholder pipeline it wraps every bare transformer in (`FakeDiffusionPipeline`, shared by all of them), and
-      `disable_cache` never removes it; before 1.5.3 a second `enable_cache` in the process then took the fresh
-      placeholder for already cached and failed in `collect_unified_blocks` (`assert hasattr(block_adapter.pipe,
-      "_context_manager")`). The flag is dropped before every attach and after every detach.
+      `disable_cache` never removes it; without the instance check PyPI's 1.5.3 adds (vipshop/cache-dit@f86744af
+      lacks it) a second `enable_cache` in the process takes the fresh placeholder for already cached and fails in
+      `collect_unified_blocks` (`assert hasattr(block_adapter.pipe, "_context_manager")`). The flag is dropped
+      before every attach and after every detach.
     - cache-dit patches the transformer's `forward` (DiT, FLUX: its patch functor; `disable_cache` keeps the
       patched one) and adds attributes and a submodule (`_norm1_emb`): `detach` restores every module's instance
       `forward` and removes what was added, so a later engine finds the model as before.
