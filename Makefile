@@ -77,17 +77,19 @@ tables: install
 readings: install
 	$(PY) -m foca_bench.readings
 
-# The paper's Table 3 rows on the real DiT-XL/2 architecture, FLOPs on the meta device (no weights needed).
+# The paper's tables' rows on the real architectures, FLOPs only, on the meta device (no weights needed); the rows
+# that decide from feature values (TeaCache, DBCache) need weights and are left out. The whole protocol (benchmark,
+# latency) is `python run.py -m experiment=<table>` with weights and reference files: docs/sweeps.md.
 flops-dit: install
-	$(RUN) -m experiment=table3_dit
+	$(RUN) -m experiment=table3_dit profile=flops_only
 	$(PY) -m foca_bench.tables
 
 flops-flux: install
-	$(RUN) -m experiment=table1_flux
+	$(RUN) -m experiment=table1_flux profile=flops_only '+row/table1_flux=glob(*,exclude=[teacache_*,dbcache_*])'
 	$(PY) -m foca_bench.tables
 
 flops-hunyuan: install
-	$(RUN) -m experiment=table2_hunyuan
+	$(RUN) -m experiment=table2_hunyuan profile=flops_only '+row/table2_hunyuan=glob(*,exclude=[teacache_*])'
 	$(PY) -m foca_bench.tables
 
 # Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.

@@ -9,9 +9,9 @@ batched-CFG forward such as DiT's is one context.
 
 Three kinds of site: a module whose output is cached (attention, MLP, the whole model); a residual stack of
 blocks whose residual is cached (`Site.residual`: TeaCache's whole stack, Δ-DiT's single blocks); and, for
-`diffusers_*` methods, no site at all: diffusers' own hooks go on the model (`foca_bench.external`). Which sites
-compute at a step is the plan's (`CacheMethod.computes`, per site) or, for adaptive methods, `decide` on a
-signal the adapter derives from the site's input.
+external methods (`diffusers_*`, cache-dit's `dbcache`, `cachedit_*`), no site at all: the other project's hooks go
+on the model (`foca_bench.external`). Which sites compute at a step is the plan's (`CacheMethod.computes`, per
+site) or, for adaptive methods, `decide` on a signal the adapter derives from the site's input.
 """
 
 from collections import defaultdict
@@ -141,7 +141,7 @@ class CacheEngine:
         self._model = next((s.module for s in sites if s.role == "model"), None) if method.external else None
         # the modules our attention/MLP/fused sites cache, for diffusers' TaylorSeer hook to cache the same ones
         self._feature_modules = [s.module for s in sites if s.role in ("attn", "mlp", "fused")]
-        self._detach: Optional[Callable[[], None]] = None
+        self.external: Optional[Any] = None  # the other project's hooks (`foca_bench.external.attach`)
         self.trace: Optional[Trace] = Trace() if trace else None
         self.branch = "default"
         self._step: Optional[Step] = None
@@ -159,8 +159,8 @@ class CacheEngine:
             if self._model is not None:
                 from foca_bench import external
 
-                self._detach = external.attach(self.method.cfg, self._model, lambda: self._step.t,
-                                               self._feature_modules)
+                self.external = external.attach(self.method.cfg, self._model, lambda: self._step.t,
+                                                self._feature_modules)
             for site in self.sites:
                 if site.residual:
                     self._install(site.module, self._wrap_span_head(site, site.module.forward), site.name)
@@ -190,9 +190,9 @@ class CacheEngine:
             else:
                 module.forward = previous  # the compiled forward (`compile_sites`)
         self._installed.clear()
-        if self._detach is not None:
-            self._detach()
-            self._detach = None
+        if self.external is not None:
+            self.external.detach()
+            self.external = None
 
     def reset(self, batched_cfg: bool = False) -> None:
         """Called at the start of every generation: forgets the method's state and the counters.
@@ -203,10 +203,8 @@ class CacheEngine:
         self.method.reset()
         self.batched_cfg = batched_cfg
         self._received.clear()
-        if self._detach is not None:
-            from foca_bench import external
-
-            external.reset(self._model)
+        if self.external is not None:
+            self.external.reset(batched_cfg)
         self.branch = "default"
         self._step = self._plan = None
         self._span_input.clear()
@@ -241,16 +239,14 @@ class CacheEngine:
     def context(self, branch: str) -> Iterator[None]:
         """Names the CFG branch of the forwards inside (separate cond/uncond passes keep separate caches)."""
         previous, self.branch = self.branch, branch
-        if self._detach is not None:
-            from foca_bench import external
-
-            external.set_context(self._model, branch)
+        if self.external is not None:
+            self.external.set_context(branch)
         try:
             yield
         finally:
             self.branch = previous
-            if self._detach is not None:
-                external.set_context(self._model, previous)
+            if self.external is not None:
+                self.external.set_context(previous)
 
     def _wrap(self, site: Site, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:

@@ -27,9 +27,12 @@ PAPER_DIR = REPO_DIR / "results" / "paper"
 METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
                 "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "diffusers TaylorSeer",
                 "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB", "toca": "ToCa",
-                "duca": "DuCa", "diffusers_magcache": "diffusers MagCache"}
-ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),
-                "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",)}  # as the paper's labels do
+                "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
+                "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
+                "diffusers_fastercache": "diffusers FasterCache"}
+ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
+                "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
+                **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")}}
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
@@ -88,7 +91,8 @@ def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     cache = _cache(record)
     cls = methods.get(record["method"])
     specialized = model_method_defaults(record["model"], record["method"])
-    defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # list-valued knobs
+                for f in dataclasses.fields(cls.config_class)}
     defaults.update(record["config"]["model"].get("method_defaults", {}).get(record["method"]) or {})  # the model's
     defaults.update(specialized)  # conf/model_method/<model>_<method>.yaml
     always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()

@@ -147,7 +147,8 @@ class CacheMethod(ABC):
     # a residual stack (role `blocks`) caches the stack's output, and a forecast step returns it in place of the
     # stack's output (not input + residual); at a computed step the stack's value is the method's after `update`
     stack_output: ClassVar[bool] = False
-    external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
+    external: ClassVar[bool] = False  # run by diffusers' or cache-dit's hooks (foca_bench.external), not our engine
+    uncond_first: ClassVar[bool] = False  # batched CFG as [uncond; cond] (FasterCache), not [cond; uncond]
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model

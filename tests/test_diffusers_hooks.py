@@ -61,3 +61,77 @@ def test_magcache_skips_the_block_stack_within_its_threshold_and_not_in_the_rete
     assert 3 <= len(runs) < STEPS  # the first int(0.25 * 12 + 0.5) = 3 steps always run
     assert 0 < ((cached - reference).norm() / reference.norm()).item() < 0.5
     assert all("forward" not in m.__dict__ for m in adapter.transformer.modules())  # hooks removed on exit
+
+
+# -- FasterCache (`method=diffusers_fastercache`) ------------------------------------------------------------------
+# N=1 with uncond_N=1 equals method=none bit for bit on every model (tests/test_model_zoo.py, EVERY_STEP), DiT's
+# swapped [uncond; cond] batch included.
+def _fastercache_run(adapter, cfg, steps, **knobs):
+    """Per step: the batch each hooked attention's `to_q` saw (None: the attention was not computed)."""
+    method = methods.build({"name": "diffusers_fastercache", **knobs})
+    names = ("transformer_blocks.0.attn1", "transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+    attention = [m for name, m in adapter.transformer.named_modules() if name in names]
+    seen: list[dict] = []
+    handles = [adapter.transformer.register_forward_pre_hook(lambda *a: seen.append({}))]
+    handles += [attn.to_q.register_forward_hook(lambda mod, args, out, k=k: seen[-1].__setitem__(k, args[0].shape[0]))
+                for k, attn in enumerate(attention)]
+    try:
+        with CacheEngine(method, adapter.sites()) as engine:
+            adapter.generate(engine, torch.tensor([1]), adapter.make_noise([0]), steps, cfg.sampler.guidance_scale)
+    finally:
+        for h in handles:
+            h.remove()
+    return [[step.get(k) for k in range(len(attention))] for step in seen], adapter.scheduler.timesteps.tolist()
+
+
+def _fastercache_expected(timesteps, batched_cfg, N=2, uncond_N=5, attention=(-1, 681), uncond=(-1, 641)):
+    """diffusers' FasterCache rules, worked per step i at timestep t: the unconditional half is skipped when
+    i > 0, t is in `uncond` and i % uncond_N != 0; an attention wants to skip when t is in `attention` unless
+    i > 0 and i % N == 0, and (with a CFG batch) can only skip when the unconditional half was skipped."""
+    out = []
+    for i, t in enumerate(timesteps):
+        skip_uncond = batched_cfg and i > 0 and uncond[0] < t < uncond[1] and i % uncond_N != 0
+        wants_skip = attention[0] < t < attention[1] and not (i > 0 and i % N == 0)
+        skip = wants_skip and (skip_uncond or not batched_cfg)
+        out.append(None if skip else (1 if skip_uncond or not batched_cfg else 2))
+    return out
+
+
+@pytest.mark.parametrize("model", ["toy_dit", "flux"])
+def test_fastercache_decisions_follow_its_rules(model):
+    from tests.conftest import TINY_MODELS
+
+    cfg = make_cfg(*TINY_MODELS[model])
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    batches, timesteps = _fastercache_run(adapter, cfg, 20)
+    expected = _fastercache_expected(timesteps, batched_cfg=model == "toy_dit")
+    assert all(b == [expected[i]] * len(b) for i, b in enumerate(batches)), (batches, expected)
+    assert None in expected and (model == "flux" or 1 in expected)  # both parts of FasterCache were exercised
+
+
+def test_fastercache_flops_are_full_steps_minus_the_skipped_attentions():
+    """Tiny FLUX (guidance-distilled: the attention part only), one sample: every skipped call of a double block's
+    joint attention saves 8 S D^2 + 4 S^2 D (q, k, v and output projections of both streams, QK^T and AV over the
+    S joint tokens), of a single block's 6 S D^2 + 4 S^2 D (no output projection: `proj_out` does it)."""
+    from foca_bench.profiling import count_flops
+    from tests.conftest import TINY_FLUX
+
+    cfg = make_cfg(*TINY_FLUX)
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    arch = cfg.model.arch
+    D = arch.num_attention_heads * arch.attention_head_dim
+    S = (cfg.model.resolution // 16) ** 2 + cfg.model.text_tokens
+    double, single = 8 * S * D * D + 4 * S * S * D, 6 * S * D * D + 4 * S * S * D
+    steps = 20
+    full = count_flops(lambda: _generate_one(adapter, methods.build({"name": "none"}), steps))
+    flops = count_flops(lambda: _generate_one(adapter, methods.build({"name": "diffusers_fastercache"}), steps))
+    skipped = sum(b is None for b in _fastercache_expected(adapter.scheduler.timesteps.tolist(), batched_cfg=False))
+    assert skipped > 0
+    assert flops == full - skipped * (arch.num_layers * double + arch.num_single_layers * single)
+
+
+def _generate_one(adapter, method, steps):
+    with CacheEngine(method, adapter.sites()) as engine:
+        return adapter.generate(engine, torch.tensor([1]), adapter.make_noise([0]), steps, 3.5)

@@ -192,6 +192,27 @@ def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter
     assert engine.full_steps == len(full)
 
 
+def test_delta_dit_pattern_dr_alternates_a_delta_step_and_a_step_that_runs_no_block(adapter):
+    """`cache.pattern=DR` (the FLUX code behind the paper's Table 1 Δ-DiT N=3): after each full step a Δ-Cache step
+    (the rear block cached, the front one runs), then a step at which no block runs, repeated."""
+    blocks = adapter.transformer.transformer_blocks
+    runs = {0: [], 1: []}
+    step = {"i": -1}
+    hooks = [blocks[j].attn1.register_forward_hook(lambda *a, j=j: runs[j].append(step["i"])) for j in (0, 1)]
+    method = methods.build({"name": "delta_dit", "N": 4, "warmup": 0, "boundary": 99, "pattern": "DR"})
+    original = method.plan
+    method.plan = lambda s: (step.__setitem__("i", s.index), original(s))[1]
+    try:
+        with CacheEngine(method, adapter.sites()) as engine:
+            adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+    finally:
+        for h in hooks:
+            h.remove()
+    full = [0, 4, 8]  # cached steps after each: D, R, D
+    assert runs[0] == sorted(set(full) | {1, 3, 5, 7, 9})
+    assert runs[1] == full
+
+
 def test_delta_dit_adds_the_stored_residual_to_the_fresh_input(adapter):
     """A cached block returns its current input plus (output - input) of the last full step, not its old output."""
     calls = []

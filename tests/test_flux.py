@@ -87,3 +87,92 @@ def test_flux_default_warmup_gives_table_1s_full_step_counts(name, N, full_steps
     cfg = make_cfg("model=flux", f"method={name}", f"cache.N={N}")
     cache = validate(cfg)
     assert schedule_full_steps(cache, 50) == full_steps
+
+
+# -- the rest of Table 1, with the settings of their row files (conf/row/table1_flux/; docs/models.md) ----------
+MLP_TOKEN = 16 * 3072 ** 2  # FLOPs of one token through a FLUX.1-dev feed-forward (3072 -> 12288 -> 3072)
+DOUBLE, LAYERS = 19, 57
+# rows within 0.5% of the paper's FLOPs, and the rows whose gap docs/models.md explains (pinned: ours, paper)
+REPRODUCED = {"fora_n4": 967.91, "fora_n7": 670.14, "delta_dit_n2": 2480.01, "delta_dit_n3": 1686.76}
+GAPS = {"fora_n3": (1265.29, 1320.07), "toca_n6": (955.13, 924.30), "toca_n8": (816.93, 784.54),
+        "toca_n12": (678.72, 644.70), "duca_n5": (993.82, 978.76), "duca_n7": (775.34, 760.14),
+        "duca_n10": (621.27, 606.91)}
+
+
+def _row_method(row):
+    cfg = make_cfg("experiment=table1_flux", f"+row/table1_flux={row}", "profile=flops_only")
+    return methods.build(validate(cfg))
+
+
+def _partial_step(method, i, T, skipped):
+    """A ToCa partial step on FLUX.1-dev: the skipped step plus the recomputed tokens of the 19 double blocks' image
+    (4096 tokens) and text (512) MLPs; the single blocks' fused outputs are reused whole."""
+    from methods.base import Step, Tokens
+
+    tokens = 0
+    for j in range(DOUBLE):
+        for count in (4096, 512):
+            tokens += min(int(method.fresh_ratio(Step(i, 0.0, T), Tokens("mlp", j, LAYERS, 1, count)) * count), count)
+    return skipped + MLP_TOKEN * tokens
+
+
+def compose_row(row, costs, T=50):
+    """The row's FLOPs (T) from per-step costs over its schedule: full steps, and per cached step its kind."""
+    method = _row_method(row)
+    full, skipped, delta, none_run = costs["full"], costs["skipped"], costs.get("delta_38"), costs.get("all_skipped")
+    total, last = 0, 0
+    for i in range(T):
+        if method.is_full(i, T):
+            total, last = total + full, i
+            continue
+        kind = method.cfg.pattern[(i - last - 1) % len(method.cfg.pattern)] if hasattr(method.cfg, "pattern") else ""
+        if method.name == "delta_dit":
+            total += delta if kind == "D" else none_run
+        elif method.name in ("toca", "duca") and kind != "A":
+            total += _partial_step(method, i, T, skipped)
+        else:
+            total += skipped
+    return total / 1e12
+
+
+@pytest.mark.parametrize("row", ["fora_n3", "fora_n4", "fora_n7"])
+def test_flux_fora_rows(flux_steps, row):
+    full, skipped = flux_steps
+    ours = compose_row(row, {"full": full, "skipped": skipped})
+    if row in REPRODUCED:
+        assert ours == pytest.approx(REPRODUCED[row], rel=5e-3)
+    else:  # 17.74 full steps' worth: no whole-step schedule; FORA's own gives 17
+        assert ours == pytest.approx(GAPS[row][0], abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def flux_more_steps(flux_steps):
+    """Counted FLOPs of a Δ-DiT step skipping the 38 single blocks and of one skipping all 57, and a ToCa partial
+    step (meta device), checking the partial step's closed form."""
+    cfg = make_cfg("model=flux", "profile=flops_only")
+    validate(cfg)
+    adapter = build_adapter(cfg.model, "cpu")
+    full, skipped = flux_steps
+    from tests.conftest import flops_of
+
+    costs = {"full": full, "skipped": skipped}
+    for blocks, key in ((38, "delta_38"), (57, "all_skipped")):
+        cache = {"name": "delta_dit", "N": 99, "warmup": 0, "blocks": blocks, "boundary": 99}
+        costs[key] = flops_of(adapter, cache, 2) - full
+    toca = {"name": "toca", "N": 99, "warmup": 0, "fresh_ratio": 0.1, "force_schedule": "interval"}
+    costs["toca_partial"] = flops_of(adapter, toca, 2) - full
+    costs["toca_closed_form"] = _partial_step(methods.build(toca), 1, 2, skipped)
+    return costs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", ["delta_dit_n2", "delta_dit_n3", "toca_n6", "toca_n8", "toca_n12", "duca_n5",
+                                 "duca_n7", "duca_n10"])
+def test_flux_delta_dit_toca_duca_rows(flux_more_steps, row):
+    """Per-step counts (three more meta-device FLUX.1-dev counts, ~1 min) composed over each row's schedule."""
+    assert flux_more_steps["toca_partial"] == flux_more_steps["toca_closed_form"]
+    ours = compose_row(row, flux_more_steps)
+    if row in REPRODUCED:
+        assert ours == pytest.approx(REPRODUCED[row], rel=5e-3)
+    else:
+        assert ours == pytest.approx(GAPS[row][0], abs=0.01)

@@ -197,8 +197,10 @@ class DiTAdapter(Adapter):
         else:
             raise ValueError(f"sampler.lineage={lineage!r}: choose from {self.lineages}.")
         labels = labels.to(self.device)
+        uncond_first = cfg and engine.method.uncond_first  # FasterCache's hooks read the batch as [uncond; cond]
         if cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
+            null = torch.full_like(labels, self.null_class)
+            labels = torch.cat([null, labels] if uncond_first else [labels, null])  # (2B,)
         x = noise
         t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
         # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT) leave some conditioning
@@ -210,15 +212,17 @@ class DiTAdapter(Adapter):
                 t_in = t_all[i]
                 with conditioning(i, t_in), engine.step(i, float(t), len(timesteps)):
                     out = self.transformer(model_in, timestep=t_in, class_labels=labels, return_dict=False)[0]
-                x = denoise(self._guided_eps(out, cfg, guidance_scale, guided_channels), i, t, x)
+                x = denoise(self._guided_eps(out, cfg, guidance_scale, guided_channels, uncond_first), i, t, x)
         return x
 
-    def _guided_eps(self, out: Tensor, cfg: bool, guidance_scale: float, guided_channels: int) -> Tensor:
-        """The conditional half's epsilon, its first `guided_channels` channels guided (B, C, H, W)."""
+    def _guided_eps(self, out: Tensor, cfg: bool, guidance_scale: float, guided_channels: int,
+                    uncond_first: bool = False) -> Tensor:
+        """The conditional half's epsilon, its first `guided_channels` channels guided (B, C, H, W); the batch is
+        [cond; uncond], or [uncond; cond] with `uncond_first` (FasterCache's hooks)."""
         eps = out[:, :self.latent_channels] if self.learned_sigma else out  # drop the learned variance
         if not cfg:
             return eps
-        cond, uncond = eps.chunk(2)
+        cond, uncond = eps.chunk(2)[::-1] if uncond_first else eps.chunk(2)
         k = guided_channels
         guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1)  # unguided channels follow the cond branch
