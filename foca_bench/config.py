@@ -316,9 +316,10 @@ def compose(*overrides: str) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def split_knobs(argv: list[str], prefix: str, knobs: dict[str, int]) -> list[str]:
-    """Command-line arguments `[+]<prefix>.<knob>=<int>` set `knobs` in place (an unknown knob exits with the valid
-    ones); returns the other arguments, the Hydra overrides (e.g. of `python -m foca_bench.calibrate_teacache`)."""
+def split_knobs(argv: list[str], prefix: str, knobs: dict[str, Any]) -> list[str]:
+    """Command-line arguments `[+]<prefix>.<knob>=<value>` set `knobs` in place, as the type of the knob's default
+    (an unknown knob exits with the valid ones); returns the other arguments, the Hydra overrides (e.g. of
+    `python -m foca_bench.calibrate_teacache`)."""
     overrides = []
     for arg in argv:
         key = arg.lstrip("+")
@@ -328,7 +329,7 @@ def split_knobs(argv: list[str], prefix: str, knobs: dict[str, int]) -> list[str
         name, value = key[len(prefix) + 1:].split("=", 1)
         if name not in knobs:
             raise SystemExit(f"unknown knob {prefix}.{name}; choose from {sorted(knobs)}")
-        knobs[name] = int(value)
+        knobs[name] = type(knobs[name])(value)
     return overrides
 
 
@@ -378,7 +379,7 @@ def validate(cfg: DictConfig) -> CacheConfig:
         if key not in cfg.cache:
             raise ValueError(f"model.method_defaults.{cfg.cache.name}.{key}: `{cfg.cache.name}` has no knob "
                              f"{key!r}; its knobs are {sorted(cfg.cache)}.")
-        if cfg.cache[key] is None or (OmegaConf.is_list(cfg.cache[key]) and len(cfg.cache[key]) == 0):
+        if cfg.cache[key] is None or (OmegaConf.is_config(cfg.cache[key]) and len(cfg.cache[key]) == 0):
             cfg.cache[key] = value
     if "steps" in cfg.cache and cfg.cache.steps is None:  # methods whose hooks must know T (diffusers_magcache)
         cfg.cache.steps = cfg.sampler.steps
@@ -401,7 +402,7 @@ def validate(cfg: DictConfig) -> CacheConfig:
                          "not have: count its FLOPs with model.weights=random (and profile.latency=false) instead "
                          "of profile=flops_only.")
     for key in method_cls.model_specific:
-        if getattr(cache, key) in (None, [], ()):
+        if getattr(cache, key) in (None, [], (), {}):
             raise ValueError(f"cache.{key} is unset and model `{cfg.model.name}` has no "
                              f"model.method_defaults.{cache.name}.{key}: set one of them; {method_cls.how_to_set}.")
     if cfg.sampler.steps < 1:

@@ -11,7 +11,10 @@ Three kinds of site: a module whose output is cached (attention, MLP, the whole 
 blocks whose residual is cached (`Site.residual`: TeaCache's whole stack, Δ-DiT's single blocks); and, for
 external methods (`diffusers_*`, cache-dit's `dbcache`, `cachedit_*`), no site at all: the other project's hooks go
 on the model (`foca_bench.external`). Which sites compute at a step is the plan's (`CacheMethod.computes`, per
-site) or, for adaptive methods, `decide` on a signal the adapter derives from the site's input.
+site) or, for adaptive methods, `decide` on a signal the adapter derives from the site's input. At a delta
+method's DELTA step (Chipmunk), the sites whose attention core or MLP the adapter exposes (`Site.attention_core`,
+`Site.ffn`) run with that part computed by the method (`CacheMethod.attend`, `CacheMethod.feed_forward`), and the
+other sites run as usual.
 """
 
 from collections import defaultdict
@@ -20,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from methods._numerics import token_index
-from methods.base import CacheMethod, Plan, SiteInfo, SiteKey, Step, Tokens, resolve
+from methods.base import CacheMethod, FeedForward, Plan, SiteInfo, SiteKey, Step, TokenLayout, Tokens, resolve
 
 
 def _identity(x: Any) -> Any:
@@ -33,6 +37,52 @@ def _identity(x: Any) -> Any:
 def hidden_states(args: tuple, kwargs: dict) -> Tensor:
     """The hidden states a block was called with (first positional argument or `hidden_states=`)."""
     return args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class FeedForwardParts:
+    """An MLP site as `down(act(up(x)))`, which a delta method may compute column by column (`Site.ffn`).
+
+    Attributes:
+        up: the input projection (`nn.Linear`, D -> F).
+        act: the activation, elementwise.
+        down: the output projection (`nn.Linear`); its input columns from `head` on are the MLP's hidden units.
+        head: 0 when the site's module is the whole MLP, called with x. Else the site's module is `down` itself, a
+            fused projection of [attention output (`head` columns); hidden units] (a single-stream block's
+            `proj_out`): at a DELTA step the engine takes x from `up`'s call and hands the block an empty hidden
+            part in its place, then computes `down`'s attention part densely and adds the method's MLP output.
+    """
+
+    up: nn.Module
+    act: Callable[[Tensor], Tensor]
+    down: nn.Module
+    head: int = 0
+
+
+class _FeedForwardOps(FeedForward):
+    """`FeedForward` over an adapter's `FeedForwardParts`: a column-restricted projection gathers the selected
+    weight rows per block of tokens and multiplies blocks by them (one batched matmul), so what runs, and what
+    `FlopCounterMode` counts, is the sparse work."""
+
+    def __init__(self, parts: FeedForwardParts) -> None:
+        self.parts = parts
+        self.bias = None if parts.head else parts.down.bias
+
+    def up(self, x: Tensor, columns: Optional[Tensor] = None) -> Tensor:
+        weight, bias = self.parts.up.weight, self.parts.up.bias  # (F, D), (F,)
+        if columns is None:
+            return F.linear(x, weight, bias)
+        out = x @ weight[columns].transpose(-1, -2)  # (B, n, m, D) @ (B, n, D, k) -> (B, n, m, k)
+        return out if bias is None else out + bias[columns].unsqueeze(-2)
+
+    def act(self, hidden: Tensor) -> Tensor:
+        return self.parts.act(hidden)
+
+    def down(self, hidden: Tensor, columns: Optional[Tensor] = None, bias: bool = False) -> Tensor:
+        weight = self.parts.down.weight[:, self.parts.head:]  # (D_out, F)
+        if columns is None:
+            return F.linear(hidden, weight, self.bias if bias else None)
+        return hidden @ weight.t()[columns]  # (B, n, m, k) @ (B, n, k, D_out) -> (B, n, m, D_out)
 
 
 @dataclass
@@ -69,6 +119,11 @@ class Site:
         scored_by: the name of the attention site whose probe scores this site's tokens.
         score_tokens: selects this site's tokens from the scoring probe's (B, tokens) vector, when the attention
             runs over more tokens than the site (a two-stream block's joint attention over text and image).
+        attention_core: attention sites: `(forward, args, kwargs, core) -> output`, the module's forward with its
+            attention core softmax(q k^T / sqrt(d) + mask) v replaced by `core(q, k, v, mask)` on (B, heads, S, d)
+            tensors; a delta method computes it at DELTA steps.
+        ffn: MLP sites: the MLP's parts, which a delta method computes column by column at DELTA steps.
+        layout: where the text and image tokens are in the sequence the site's attention core or MLP sees.
     """
 
     name: str
@@ -86,6 +141,9 @@ class Site:
     attention_probe: Optional[Callable[[Callable[..., Any], tuple, dict], tuple[Any, Tensor]]] = None
     scored_by: Optional[str] = None
     score_tokens: Callable[[Tensor], Tensor] = _identity
+    attention_core: Optional[Callable[[Callable[..., Any], tuple, dict, Callable[..., Tensor]], Any]] = None
+    ffn: Optional[FeedForwardParts] = None
+    layout: Optional[TokenLayout] = None
 
 
 def first_token(*args: Any, **kwargs: Any) -> Tensor:
@@ -152,6 +210,8 @@ class CacheEngine:
         self._span_input: dict[SiteKey, Optional[Tensor]] = {}  # per (stack, branch) at this step; None: skipped
         self._decided_full: Optional[bool] = None  # adaptive methods: whether any site computed at this step
         self._received: dict[SiteKey, Tensor] = {}  # attention each token received, per attention site, last full step
+        self._ffn_inputs: dict[SiteKey, Tensor] = {}  # a fused projection's MLP input at this step (`_wrap_ffn_up`)
+        self._ffn_ops = {s.name: _FeedForwardOps(s.ffn) for s in self.sites if s.ffn is not None and method.delta}
         self.batched_cfg = False
 
     def __enter__(self) -> "CacheEngine":
@@ -169,7 +229,10 @@ class CacheEngine:
                         self._install(block, self._wrap_span_tail(site, block.forward, last), f"{site.name}.{j + 1}")
                     continue
                 self._install(site.module, self._wrap(site, site.module.forward), site.name)
-                for feeder, stand_in in site.feeders if self.elide_feeders else ():
+                if site.name in self._ffn_ops and site.ffn.head:  # a delta method takes a fused MLP's input
+                    self._install(site.ffn.up, self._wrap_ffn_up(site, site.ffn.up.forward), f"{site.name} MLP input")
+                # a delta method's plans compute every site (FULL or DELTA), so its sites' feeders always run
+                for feeder, stand_in in site.feeders if self.elide_feeders and not self.method.delta else ():
                     self._install(feeder, self._wrap_feeder(site, feeder.forward, stand_in), f"{site.name} feeder")
         except BaseException:
             self.__exit__()  # leave no half-installed hooks behind
@@ -203,6 +266,7 @@ class CacheEngine:
         self.method.reset()
         self.batched_cfg = batched_cfg
         self._received.clear()
+        self._ffn_inputs.clear()
         if self.external is not None:
             self.external.reset(batched_cfg)
         self.branch = "default"
@@ -253,6 +317,8 @@ class CacheEngine:
             if self._step is None:  # outside a denoising step (e.g. a probe call): plain forward
                 return original(*args, **kwargs)
             key = SiteKey(site.name, self.branch)
+            if self._plan.delta and (site.attention_core is not None or site.name in self._ffn_ops):
+                return self._delta(site, key, original, args, kwargs)
             full = self._is_full(site, key, args, kwargs)
             compute = lambda: site.unpack(original(*args, **kwargs))  # noqa: E731
             if full and site.attention_probe is not None and self.method.wants_attention(self._step):
@@ -286,6 +352,44 @@ class CacheEngine:
             return site.unpack(original(*a, **kw))
 
         return tokens, compute_tokens
+
+    def _tokens(self, site: Site, batch: int, count: int) -> Tokens:
+        return Tokens(site.role, *site.layer, batch=batch, count=count, paired=self.batched_cfg, layout=site.layout)
+
+    def _delta(self, site: Site, key: SiteKey, original: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """A site at a DELTA step: its attention core or its MLP computed by the delta method."""
+        step, method = self._step, self.method
+        if site.attention_core is not None:
+            def core(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:  # (B, heads, S, d)
+                return method.attend(key, step, self._tokens(site, q.shape[0], q.shape[2]), q, k, v, mask)
+
+            out = site.attention_core(original, args, kwargs, core)
+            self._record(key, site.unpack(out))
+            return out
+        ops = self._ffn_ops[site.name]
+        if site.ffn.head:  # a fused projection: the MLP input came from `up`; the attention part is computed here
+            x = self._ffn_inputs.pop(key)
+            attention = hidden_states(args, kwargs)  # (B, S, head): `up` handed the block an empty hidden part
+            value = F.linear(attention, site.ffn.down.weight[:, :site.ffn.head], site.ffn.down.bias)
+            value = value + method.feed_forward(key, step, self._tokens(site, x.shape[0], x.shape[1]), x, ops)
+        else:
+            x = hidden_states(args, kwargs)  # (B, S, D)
+            value = method.feed_forward(key, step, self._tokens(site, x.shape[0], x.shape[1]), x, ops)
+        self._record(key, value)
+        return site.pack(value)
+
+    def _wrap_ffn_up(self, site: Site, original: Callable[..., Any]) -> Callable[..., Any]:
+        """A fused projection's MLP input projection: at a DELTA step it keeps its input for the delta method and
+        returns an empty (B, S, 0) hidden part, so the activation and the concatenation in front of the fused
+        projection cost nothing; otherwise it runs."""
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._plan is not None and self._plan.delta:
+                self._ffn_inputs[SiteKey(site.name, self.branch)] = x
+                return x.new_empty(*x.shape[:-1], 0)
+            return original(x, *args, **kwargs)
+
+        return forward
 
     def _is_full(self, site: Site, key: SiteKey, args: tuple, kwargs: dict) -> bool:
         if not self.method.adaptive:

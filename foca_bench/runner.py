@@ -164,6 +164,8 @@ def profile(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, device: str) 
         block.update(latency_s=mine["median_s"], latency_none_s=base["median_s"],
                      latency_speedup=base["median_s"] / mine["median_s"],
                      latency_detail={**mine, "batch_size": b, "none": base, "protocol": "interleaved with none"})
+        if methods.get(cache.name).latency_note:
+            block["latency_note"] = methods.get(cache.name).latency_note
     return block
 
 
@@ -315,7 +317,8 @@ def _base_record(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, be
                  adapter: Adapter, malloc: Optional[dict]) -> dict:
     return {"run_id": rid, "benchmark": bench_name, "model": cfg.model.name, "method": cache.name, "config": config,
             "environment": environment(), "world_size": 1, "device": device,
-            "sampler_provenance": adapter.provenance(cfg.sampler), "malloc": malloc}
+            "sampler_provenance": adapter.provenance(cfg.sampler), "method_provenance": methods.build(cache).provenance(),
+            "malloc": malloc}
 
 
 def sample_folder(cfg: DictConfig, benchmark: Any, cache: CacheConfig, rid: str) -> Path:

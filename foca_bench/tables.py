@@ -29,10 +29,13 @@ METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": 
                 "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB", "toca": "ToCa",
                 "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
                 "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
-                "diffusers_fastercache": "diffusers FasterCache"}
+                "diffusers_fastercache": "diffusers FasterCache", "chipmunk": "Chipmunk", "smoothcache": "SmoothCache",
+                "l2c": "L2C"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
                 "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
-                **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")}}
+                **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")},
+                "smoothcache": ("alpha",), "l2c": ("threshold",)}
+LATENCY_MARK = " ‡"  # a latency the record notes is not the method's own (`profile.latency_note`)
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
@@ -162,9 +165,21 @@ def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:
     out = []
     for name, (_, rec) in sorted(rows.items(), key=order):
         v = values(rec)
-        cells = [_fmt(v.get(k), d, s) for k, (_, d, s) in zip(keys, cols)]
+        cells = [_marked(rec, k, _fmt(v.get(k), d, s)) for k, (_, d, s) in zip(keys, cols)]
         out.append([name, *cells[:4], _full_steps(rec), *cells[4:], f"`{rec['run_id']}`"])
-    return Table(title, header, out)
+    return Table(title, header, out, _latency_notes([r for _, r in rows.values()]))
+
+
+def _marked(record: Optional[dict], key: str, cell: str) -> str:
+    """A latency cell of a record whose latency is not the method's own (a dense emulation) gets `LATENCY_MARK`."""
+    noted = record is not None and record["profile"].get("latency_note") and key.startswith("latency")
+    return cell + LATENCY_MARK if noted and cell else cell
+
+
+def _latency_notes(records: list[dict]) -> list[str]:
+    notes = sorted({f"{METHOD_NAMES.get(r['method'], r['method'])}: {r['profile']['latency_note']}"
+                    for r in records if r["profile"].get("latency_note")})
+    return [f"{LATENCY_MARK.strip()} {note}" for note in notes]
 
 
 def load_paper_tables(paper_dir: Path = PAPER_DIR) -> dict[str, dict]:
@@ -222,7 +237,7 @@ def build_paper_table(paper: dict, records: list[tuple[Path, dict]], title: str 
         cells = []
         for k in keys:
             _, digits, suffix = cols[k]
-            ours = _fmt(v.get(k), digits, suffix)
+            ours = _marked(rec, k, _fmt(v.get(k), digits, suffix))
             if k in paper["columns"]:
                 ours += _difference(v.get(k), paper_values.get(k), relative=k in COLUMNS)
                 cells += [ours, _fmt(paper_values.get(k), digits, suffix)]
@@ -244,7 +259,7 @@ def build_paper_table(paper: dict, records: list[tuple[Path, dict]], title: str 
              "relative for cost columns, absolute for quality."]
     if paper.get("note"):
         notes.append(paper["note"])
-    return Table(title, header, out, notes)
+    return Table(title, header, out, notes + _latency_notes(recs))
 
 
 def to_markdown(table: Table) -> str:

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from methods._numerics import token_index
-from methods.base import (FORECAST, FULL, PARTIAL, CacheConfig, CacheMethod, Plan, SiteInfo, SiteKey, Step, Tokens,
-                          resolve)
+from methods.base import (DELTA, FORECAST, FULL, PARTIAL, CacheConfig, CacheMethod, FeedForward, Plan, SiteInfo,
+                          SiteKey, Step, TokenLayout, Tokens, resolve)
 
 METHODS: dict[str, type[CacheMethod]] = {}
 
@@ -110,5 +110,5 @@ for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_") and _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "FULL", "FORECAST", "PARTIAL", "CacheConfig", "CacheMethod", "Plan", "SiteInfo", "SiteKey",
-           "Step", "Tokens", "build", "get", "register", "replay", "resolve"]
+__all__ = ["METHODS", "DELTA", "FULL", "FORECAST", "PARTIAL", "CacheConfig", "CacheMethod", "FeedForward", "Plan",
+           "SiteInfo", "SiteKey", "Step", "TokenLayout", "Tokens", "build", "get", "register", "replay", "resolve"]

@@ -3,7 +3,9 @@
 A method sees site names, step indices, times and tensors, never an `nn.Module` (adapters say *where*,
 methods say *how*). Four verbs: `plan(step)`, `update(key, step, features)`, `forecast(key, step)`, `reset()`;
 token-wise methods (ToCa, DuCa) add `select(key, step, tokens)` and `update_tokens(key, step, indices, features)`
-for partial steps.
+for partial steps; delta methods (Chipmunk) add `attend(key, step, tokens, q, k, v, mask)` and
+`feed_forward(key, step, tokens, x, ffn)`, which compute a site's attention core or MLP themselves from
+tensors and the column-restricted projections the engine hands them (`FeedForward`).
 `resolve` is the one function that turns a plan into the value a site uses; both the runtime hook
 (`foca_bench/hooks.py`) and `methods.replay` call it, so offline analysis drives exactly the live code path.
 """
@@ -40,21 +42,36 @@ class Step:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the engine does at a step: compute every site, let the method forecast them, or (partial) let a
-    token-wise method recompute a subset of each token-wise site's tokens (`CacheMethod.select`).
+    """What the engine does at a step: compute every site, let the method forecast them, (partial) let a
+    token-wise method recompute a subset of each token-wise site's tokens (`CacheMethod.select`), or (delta) let a
+    delta method compute attention cores and MLPs (`CacheMethod.attend`, `CacheMethod.feed_forward`).
 
     Attributes:
         full: compute every site.
         partial: a token-wise step; the sites' feeders run, since the selected tokens need their inputs.
+        delta: a delta method's step: every site runs, and the method computes the attention cores and MLPs the
+            adapter exposes (`Site.attention_core`, `Site.ffn`) itself, from cached outputs plus sparse deltas.
     """
 
     full: bool
     partial: bool = False
+    delta: bool = False
 
 
 FULL = Plan(full=True)
 FORECAST = Plan(full=False)
 PARTIAL = Plan(full=False, partial=True)
+DELTA = Plan(full=False, delta=True)  # a delta method computes every attention core and MLP it can (`attend`, ...)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How a site's token sequence is laid out: `text` prompt tokens before (`text_first`) or after an image or
+    video token grid of shape `grid` ((height, width) or (frames, height, width)), row-major."""
+
+    text: int = 0
+    text_first: bool = True
+    grid: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,7 @@ class Tokens:
         attention: (batch, count) attention each token received at the site's block's last full step (the
             head-mean attention map summed over queries), where the method asked for it; else None.
         paired: the batch is [cond; uncond] halves of the same samples (a batched CFG forward).
+        layout: where the text and image tokens are in the sequence, when the adapter says (delta methods).
     """
 
     role: str
@@ -79,6 +97,31 @@ class Tokens:
     count: int
     attention: Optional[Tensor] = None
     paired: bool = False
+    layout: Optional[TokenLayout] = None
+
+
+class FeedForward(ABC):
+    """An MLP `down(act(up(x)))` as tensor functions, for methods that compute some of its hidden columns only.
+
+    `columns` are hidden-unit indices per block of tokens, (B, blocks, k), and the inputs then come in blocks,
+    (B, blocks, m, D): each block of m tokens gets its own k columns. The engine builds it from the site's modules
+    (`foca_bench.hooks`); a method never sees them.
+    """
+
+    bias: Optional[Tensor]  # (D_out,) the output bias `down` adds, or None when another part of the site owns it
+
+    @abstractmethod
+    def up(self, x: Tensor, columns: Optional[Tensor] = None) -> Tensor:
+        """Pre-activations: (..., D) -> (..., F), or blocked (B, n, m, D) -> (B, n, m, k) for `columns`."""
+
+    @abstractmethod
+    def act(self, hidden: Tensor) -> Tensor:
+        """The activation function, elementwise."""
+
+    @abstractmethod
+    def down(self, hidden: Tensor, columns: Optional[Tensor] = None, bias: bool = False) -> Tensor:
+        """(..., F) -> (..., D_out), or blocked (B, n, m, k) -> (B, n, m, D_out) for `columns`; with `bias`, adds
+        `self.bias` (dense only)."""
 
 
 class SiteInfo(NamedTuple):
@@ -147,11 +190,13 @@ class CacheMethod(ABC):
     # a residual stack (role `blocks`) caches the stack's output, and a forecast step returns it in place of the
     # stack's output (not input + residual); at a computed step the stack's value is the method's after `update`
     stack_output: ClassVar[bool] = False
+    delta: ClassVar[bool] = False  # computes attention cores and MLPs at DELTA steps (`attend`, `feed_forward`)
     external: ClassVar[bool] = False  # run by diffusers' or cache-dit's hooks (foca_bench.external), not our engine
     uncond_first: ClassVar[bool] = False  # batched CFG as [uncond; cond] (FasterCache), not [cond; uncond]
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model
+    latency_note: ClassVar[str] = ""  # why a measured latency is not the method's own (records and tables show it)
 
     def __init__(self, cfg: CacheConfig) -> None:
         self.cfg = cfg
@@ -205,15 +250,20 @@ class CacheMethod(ABC):
         """Forgets every site's history; called at the start of every generation."""
 
     def computes(self, key: SiteKey, step: Step, plan: Plan) -> bool:
-        """Whether site `key` is computed at `step` under the step's plan (default: the plan, for every site).
-        Methods that skip only some sites at a step (Delta-DiT's block ranges, ToCa's per-block force steps)
-        override it; a site's feeders run when it is computed."""
-        return plan.full
+        """Whether site `key` is computed at `step` under the step's plan (default: the plan, for every site; at a
+        DELTA step every site computes). Methods that skip only some sites at a step (Delta-DiT's block ranges,
+        ToCa's per-block force steps) override it; a site's feeders run when it is computed."""
+        return plan.full or plan.delta
 
     def decide(self, key: SiteKey, step: Step, signal: Tensor) -> bool:
         """Adaptive methods only: whether `key` is computed at `step`, from a cheap signal the adapter derives
         from the site's input (e.g. TeaCache's modulated input of the first block)."""
         raise NotImplementedError(f"{type(self).__name__} is not adaptive")
+
+    def provenance(self) -> dict:
+        """Facts about the files the method read that change its numbers (a router's path and sha256), for the
+        record; empty for methods that read none."""
+        return {}
 
     def cache_bytes(self) -> int:
         """Bytes of the tensors the method's state holds now (each storage counted once): its feature cache."""
@@ -253,6 +303,16 @@ class CacheMethod(ABC):
         """Token-wise methods: receives the recomputed `features` (batch, k, ...) of tokens `indices`; returns the
         site's whole value at this step."""
         raise NotImplementedError(f"{type(self).__name__} is not token-wise")
+
+    def attend(self, key: SiteKey, step: Step, tokens: Tokens, q: Tensor, k: Tensor, v: Tensor,
+               mask: Optional[Tensor] = None) -> Tensor:
+        """Delta methods, at a DELTA step: the attention core softmax(q k^T / sqrt(d) + mask) v of site `key`,
+        q, k, v (B, heads, S, d) -> (B, heads, S, d); `mask` is None or broadcastable to (B, heads, S, S)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a delta method")
+
+    def feed_forward(self, key: SiteKey, step: Step, tokens: Tokens, x: Tensor, ffn: FeedForward) -> Tensor:
+        """Delta methods, at a DELTA step: the MLP output of site `key` for input x (B, S, D), (B, S, D_out)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a delta method")
 
 
 def resolve(method: CacheMethod, key: SiteKey, step: Step, full: bool, compute: Callable[[], Tensor],

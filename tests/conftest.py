@@ -37,6 +37,12 @@ def make_cfg(*overrides: str):
     return compose(*overrides)
 
 
+def write_router(path, logits: torch.Tensor) -> str:
+    """An L2C router file in the official format (one logit vector per step), as `method=l2c` reads it."""
+    torch.save({"routers": {f"{i}.prob": row.clone() for i, row in enumerate(logits)}}, path)
+    return str(path)
+
+
 @pytest.fixture
 def cfg_factory():
     return make_cfg

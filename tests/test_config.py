@@ -115,7 +115,12 @@ def test_every_table_row_composes_to_the_command_it_names(cfg_factory, row):
     plain = re.search(re.escape(command) + r"\s+\(= (.*)\)", text).group(1).split()
     via_row = cfg_factory(f"experiment={experiment}", f"+row/{experiment}={name}")
     via_plain = cfg_factory(f"experiment={experiment}", *plain)
-    validate(via_row), validate(via_plain)
+    for cfg in (via_row, via_plain):
+        try:
+            validate(cfg)
+        except ValueError as err:  # a calibration or a trained router for the model, which needs its weights to make
+            how_to_set = methods.get(cfg.cache.name).how_to_set
+            assert how_to_set and how_to_set in str(err), err
     for key in ("model", "cache", "sampler", "benchmark", "profile", "trace"):
         assert via_row[key] == via_plain[key], key
 

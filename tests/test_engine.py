@@ -1,5 +1,8 @@
 """The caching engine on tiny random-weight diffusers DiTs: skipping, exactness, reset, hooks, replay parity."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +11,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
 from methods import replay
-from tests.conftest import TINY
+from tests.conftest import TINY, write_router
 
 STEPS = 10
 
@@ -20,9 +23,12 @@ def generate(adapter, name, labels=(1, 7), seeds=(0, 1), trace=False, **cache):
         return out, engine
 
 
-# the setting that computes every step: N=1 for interval methods, threshold 0 for TeaCache
+# the setting that computes every step: N=1 for interval methods, threshold 0 for TeaCache, L2C, alpha 0 for SmoothCache
 EXACT = {"teacache": {"l": 0.0, "coefficients": [1.0, 0.0]}, "diffusers_fbcache": {"threshold": 0.0},
-         "diffusers_magcache": {"max_skip_steps": 0, "mag_ratios": [1.0] * STEPS, "steps": STEPS}}
+         "diffusers_magcache": {"max_skip_steps": 0, "mag_ratios": [1.0] * STEPS, "steps": STEPS},
+         "smoothcache": {"alpha": 0.0, "errors": {"attn": [[0.0] * (STEPS - 1)], "mlp": [[0.0] * (STEPS - 1)]}},
+         "l2c": {"threshold": 0.0, "router_path": write_router(Path(tempfile.mkdtemp()) / "router.pt",
+                                                                 torch.full((STEPS, 4), -5.0))}}
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))

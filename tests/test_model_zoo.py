@@ -12,7 +12,7 @@ import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import validate
 from foca_bench.runner import generate_batches
-from tests.conftest import REPORTED, TINY_MODELS, make_cfg
+from tests.conftest import REPORTED, TINY_MODELS, make_cfg, write_router
 
 STEPS = 8
 MODELS = {**TINY_MODELS, "toy_dit": ()}
@@ -44,18 +44,35 @@ def _images(adapter, cfg, cache):
     return batches[0][1]
 
 
-def _config(model, method):
-    cfg = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}")
-    if not cfg.model.method_defaults.get(method):
+# calibrations and routers are made for one step count (the shipped ones for 50 steps): these tests bring their own
+# (SmoothCache: attention reuses two steps where it can; L2C: a router written for the adapter's sites, `_router`)
+def _rows(value: str, *lengths: int) -> str:
+    return "[" + ",".join("[" + ",".join([value] * n) + "]" for n in lengths) + "]"
+
+
+PER_STEPS = {"smoothcache": ("cache.alpha=0.2", f"+cache.errors.attn={_rows('0.1', STEPS - 1, STEPS - 2)}")}
+
+
+def _config(model, method, *extra):
+    cfg = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", *PER_STEPS.get(method, ()), *extra)
+    if not cfg.model.method_defaults.get(method) and method not in PER_STEPS and not extra:
         cfg = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", *UNCALIBRATED.get(method, ()))
     return cfg, validate(cfg)
 
 
+def _router(adapter, folder):
+    """An L2C router for the adapter's attention, MLP and fused sites: every other site computes at routed steps."""
+    count = sum(1 for site in adapter.sites() if site.role in methods.get("l2c").roles and not site.residual)
+    logits = torch.tensor([5.0, -5.0]).repeat(count)[:count].expand(STEPS, count)
+    return f"cache.router_path={write_router(folder / 'router.pt', logits)}"
+
+
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_every_model_runs_every_method_end_to_end(adapters, model, method):
-    cfg, cache = _config(model, method)
+def test_every_model_runs_every_method_end_to_end(adapters, model, method, tmp_path):
+    cfg, cache = _config(model, "none")
     adapter = adapters(model, cfg)
+    cfg, cache = _config(model, method, *([_router(adapter, tmp_path)] if method == "l2c" else []))
     images = _images(adapter, cfg, cache)
     assert images.shape[:2] == (2, 3 if model != "toy_dit" else 1)
     assert torch.isfinite(images).all() and 0 <= images.min() and images.max() <= 1

@@ -5,9 +5,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from foca_bench.hooks import CacheEngine, Site
+from foca_bench.hooks import CacheEngine, FeedForwardParts, Site
+
+
+def feed_forward_parts(ff: nn.Module) -> Optional[FeedForwardParts]:
+    """A diffusers `FeedForward` whose activation is a GELU projection (DiT, FLUX, HunyuanVideo: `net` = [GELU(proj),
+    Dropout, Linear]) as `up -> act -> down`, for delta methods; None for other activations (a gated GEGLU)."""
+    from diffusers.models.activations import GELU
+
+    act, down = ff.net[0], ff.net[2]
+    if type(act) is not GELU or not isinstance(down, nn.Linear):
+        return None
+    return FeedForwardParts(act.proj, lambda hidden: F.gelu(hidden, approximate=act.approximate), down)
 
 
 class MissingWeightsError(FileNotFoundError):

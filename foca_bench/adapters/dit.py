@@ -3,7 +3,8 @@
 Serves `toy_dit` (the embedded digits model) and `dit_xl_2` (the paper's Table 3 model). Cache sites, as
 TaylorSeer's DiT code caches them: per `BasicTransformerBlock`, the self-attention output (`attn1`) and the
 feed-forward output (`ff`), both before adaLN-Zero gating and the residual add; plus the whole model output
-(`model`) for methods that reuse it. The sampling loop runs the caching engine's step context around the
+(`model`) for methods that reuse it; for delta methods (Chipmunk), the attention core of `attn1` and the GELU
+MLP's parts. The sampling loop runs the caching engine's step context around the
 transformer call, in one of two lineages (`sampler.lineage`):
 - `diffusers`: `DiTPipeline.__call__`: `DDIMScheduler` (leading spacing 980, 960, ..., 0), guidance on every channel;
 - `dit`: the original DiT repository's (facebookresearch/DiT), which the code behind the paper's DiT-XL/2 rows
@@ -13,6 +14,7 @@ transformer call, in one of two lineages (`sampler.lineage`):
 """
 
 import contextlib
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,9 +24,10 @@ from tqdm import tqdm
 
 from foca_bench import ASSETS_DIR
 from foca_bench.adapters import register_adapter
-from foca_bench.adapters.base import Adapter, MissingWeightsError
+from foca_bench.adapters.base import Adapter, MissingWeightsError, feed_forward_parts
 from foca_bench.adapters.dit_sampler import RespacedDDIM
 from foca_bench.hooks import CacheEngine, Site, first_token, hidden_states
+from methods.base import TokenLayout
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
 
@@ -66,6 +69,39 @@ def _attention_received(attn: nn.Module):
         return out, probs.view(B, -1, *probs.shape[1:]).mean(1).sum(1)
 
     return probe
+
+
+class _Functional:
+    """`torch.nn.functional` with `scaled_dot_product_attention` routed to an attention core."""
+
+    def __init__(self, core: Callable[..., Tensor]) -> None:
+        self._core = core
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.nn.functional, name)
+
+    def scaled_dot_product_attention(self, query: Tensor, key: Tensor, value: Tensor,
+                                     attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                     is_causal: bool = False, **kwargs: Any) -> Tensor:
+        if dropout_p or is_causal or kwargs.get("scale") is not None:
+            raise NotImplementedError("an attention core takes plain softmax(q k^T / sqrt(d) + mask) v attention")
+        return self._core(query, key, value, attn_mask)  # (B, heads, S, d)
+
+
+def _attention_core(attn: nn.Module) -> Callable[[Callable[..., Any], tuple, dict, Callable[..., Tensor]], Any]:
+    """Delta methods' view of a DiT attention: runs it with the `scaled_dot_product_attention` call of its processor
+    (diffusers' `AttnProcessor2_0`) answered by `core(q, k, v, mask)`."""
+
+    def run(forward: Callable[..., Any], args: tuple, kwargs: dict, core: Callable[..., Tensor]) -> Any:
+        namespace = sys.modules[type(attn.processor).__module__]
+        original = namespace.F
+        namespace.F = _Functional(core)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            namespace.F = original
+
+    return run
 
 
 @register_adapter("toy_dit", "dit_xl_2")
@@ -150,16 +186,20 @@ class DiTAdapter(Adapter):
     def sites(self) -> list[Site]:
         sites = []
         L = len(self.transformer.transformer_blocks)
+        side = self.transformer.config.sample_size // self.transformer.config.patch_size
+        layout = TokenLayout(grid=(side, side))
         for i, block in enumerate(self.transformer.transformer_blocks):
             # The pre-attention LayerNorm (inside adaLN-Zero's norm1) feeds only attn1, and norm3 only ff, as
             # long as the block has no positional embedding, cross-attention or GLIGEN fuser.
             dedicated = block.norm_type == "ada_norm_zero" and block.pos_embed is None and block.attn2 is None
             sites.append(Site(f"blocks.{i}.attn", "attn", block.attn1, layer=(i, L),
                               feeders=((block.norm1.norm, first_token),) if dedicated else (),
-                              attention_probe=_attention_received(block.attn1)))
+                              attention_probe=_attention_received(block.attn1),
+                              attention_core=_attention_core(block.attn1), layout=layout))
             sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True,
                               scored_by=f"blocks.{i}.attn",
-                              feeders=((block.norm3, first_token),) if dedicated else ()))
+                              feeders=((block.norm3, first_token),) if dedicated else (),
+                              ffn=feed_forward_parts(block.ff), layout=layout))
         # the residual stack of all blocks (TeaCache, ...): signal = the first block's modulated input
         blocks = list(self.transformer.transformer_blocks)
         # each block as a one-block residual site (Delta-DiT's front/back ranges)

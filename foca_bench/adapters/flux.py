@@ -46,6 +46,10 @@ class FluxAdapter(MMDiTAdapter):
     def _latent_side(self) -> int:
         return 2 * (self.cfg.resolution // (VAE_SCALE * 2))
 
+    def token_grid(self) -> tuple[int, int]:
+        side = self._latent_side() // 2  # latents are packed in 2x2 patches
+        return side, side
+
     def make_noise(self, seeds: list[int]) -> Tensor:
         from diffusers import FluxPipeline
 

@@ -65,6 +65,11 @@ class HunyuanVideoAdapter(MMDiTAdapter):
         return (self.transformer.config.in_channels, (self.cfg.frames - 1) // TEMPORAL + 1,
                 self.cfg.resolution // SPATIAL, self.cfg.width // SPATIAL)
 
+    def token_grid(self) -> tuple[int, int, int]:
+        _, frames, height, width = self.latent_shape()
+        arch = self.transformer.config
+        return frames // arch.patch_size_t, height // arch.patch_size, width // arch.patch_size
+
     def make_noise(self, seeds: list[int]) -> Tensor:
         shape = self.latent_shape()
         if self.device.type == "meta":

@@ -10,20 +10,26 @@ Sites, as TaylorSeer's FLUX and HunyuanVideo codes cache them:
   blocks; Δ-DiT) and all blocks together (`blocks`; TeaCache, whose signal is the first double block's modulated
   image input, as TeaCache4FLUX and TeaCache4HunyuanVideo compute it). A block's state is its two streams as one
   tensor, text tokens first, so a skipped block hands the next one both streams;
-- the whole model (`model`; reuse).
+- the whole model (`model`; reuse);
+- for delta methods (Chipmunk): the attention core of every block (a double block's through its `attn` site, a
+  single block's through `single_blocks.<j>.attn`, role `attn_core`, which no other method hooks) and the image
+  MLPs' parts (a double block's `ff`; a single block's `proj_mlp -> act_mlp ->` MLP columns of `proj_out`). The
+  text MLPs (`ff_context`) expose none: Chipmunk's FLUX code keeps them dense (its 512 text tokens are cheap).
 
 On a skipped step the modules that only feed a skipped site (the pre-attention and pre-MLP LayerNorms, a single
 block's attention and MLP input projection) return cheap stand-ins instead of running.
 """
 
 import sys
-from typing import Any, Callable, ClassVar, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
-from foca_bench.adapters.base import Adapter, MissingWeightsError
-from foca_bench.hooks import Site, first_token
+from foca_bench.adapters.base import Adapter, MissingWeightsError, feed_forward_parts
+from foca_bench.hooks import FeedForwardParts, Site, first_token
+from methods.base import TokenLayout
 
 
 def argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:
@@ -41,17 +47,23 @@ def zeros_like_linear(linear: nn.Linear) -> Callable[..., Tensor]:
 
 
 class JointAttention:
-    """Packs a double block's attention output (image, text) as one tensor, text tokens first, and back."""
+    """Packs a double block's attention output (image, text) as one tensor, text tokens first, and back; a single
+    tensor (FLUX's single-block attention) passes as it is."""
 
     def __init__(self) -> None:
         self.text_tokens: Optional[int] = None
 
-    def unpack(self, out: tuple) -> Tensor:
+    def unpack(self, out: Any) -> Tensor:
+        if isinstance(out, Tensor):
+            self.text_tokens = None
+            return out
         image, text = out[0], out[1]
         self.text_tokens = text.shape[1]
         return torch.cat([text, image], dim=1)
 
-    def pack(self, value: Tensor) -> tuple[Tensor, Tensor]:
+    def pack(self, value: Tensor) -> Any:
+        if self.text_tokens is None:
+            return value
         return value[:, self.text_tokens:], value[:, : self.text_tokens]
 
     def stream(self, which: str, text_first: bool) -> Callable[[Tensor], Tensor]:
@@ -122,17 +134,42 @@ def _attention_received(attn: nn.Module) -> Callable[[Callable[..., Any], tuple,
         return torch.cat(out, dim=2).transpose(1, 2)  # (B, S, heads, d), as dispatch_attention_fn returns
 
     def probe(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
-        namespace = sys.modules[type(attn.processor).__module__]
         captured: list[Tensor] = []
-        original = namespace.dispatch_attention_fn
-        namespace.dispatch_attention_fn = lambda *a, **kw: explicit(*a, captured=captured, **kw)
-        try:
+        with _dispatching(attn, lambda *a, **kw: explicit(*a, captured=captured, **kw)):
             out = forward(*args, **kwargs)
-        finally:
-            namespace.dispatch_attention_fn = original
         return out, captured[0]
 
     return probe
+
+
+@contextmanager
+def _dispatching(attn: nn.Module, dispatch: Callable[..., Tensor]) -> Iterator[None]:
+    """Replaces diffusers' `dispatch_attention_fn` in `attn`'s processor module while the context is open."""
+    namespace = sys.modules[type(attn.processor).__module__]
+    original = namespace.dispatch_attention_fn
+    namespace.dispatch_attention_fn = dispatch
+    try:
+        yield
+    finally:
+        namespace.dispatch_attention_fn = original
+
+
+def _attention_core(attn: nn.Module) -> Callable[[Callable[..., Any], tuple, dict, Callable[..., Tensor]], Any]:
+    """Delta methods' view of a joint attention: runs it with its `dispatch_attention_fn` call answered by
+    `core(q, k, v, mask)` on (B, heads, S, d) tensors (the processor's layout is (B, S, heads, d))."""
+
+    def dispatch(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                 core: Callable[..., Tensor] = None, **kwargs: Any) -> Tensor:
+        if kwargs.get("scale") is not None or kwargs.get("is_causal") or kwargs.get("dropout_p"):
+            raise NotImplementedError("an attention core takes plain softmax(q k^T / sqrt(d) + mask) v attention")
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        return core(q, k, v, attn_mask).transpose(1, 2)
+
+    def run(forward: Callable[..., Any], args: tuple, kwargs: dict, core: Callable[..., Tensor]) -> Any:
+        with _dispatching(attn, lambda *a, **kw: dispatch(*a, core=core, **kw)):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def _modulated_image_input(block: nn.Module) -> Callable[[tuple, dict], Tensor]:
@@ -146,33 +183,44 @@ def _modulated_image_input(block: nn.Module) -> Callable[[tuple, dict], Tensor]:
 
 
 def mmdit_sites(transformer: nn.Module, text_first: bool,
-                single_attention_stand_in: Callable[..., Any] = first_token) -> list[Site]:
+                single_attention_stand_in: Callable[..., Any] = first_token, text_tokens: int = 0,
+                grid: tuple[int, ...] = ()) -> list[Site]:
     """Every cache site of a FLUX-shaped transformer (`transformer_blocks`, `single_transformer_blocks`).
 
     Args:
         transformer: the diffusers transformer.
-        text_first: its blocks return the text stream first.
+        text_first: its blocks return the text stream first, and its attention processors put text tokens first in
+            the joint sequence (FLUX; HunyuanVideo puts them last in both).
         single_attention_stand_in: what a single block's attention returns when its fused output is skipped.
+        text_tokens, grid: the prompt length and the image (or video) token grid, for the sites' `layout`.
     """
     sites = []
     double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
     L = len(double) + len(single)
+    joint_layout, image_layout = TokenLayout(text_tokens, text_first, grid), TokenLayout(grid=grid)
     for i, block in enumerate(double):
         joint = JointAttention()
         attn = f"blocks.{i}.attn"
         sites.append(Site(attn, "attn", block.attn, unpack=joint.unpack, pack=joint.pack, layer=(i, L),
                           feeders=((block.norm1.norm, first_token), (block.norm1_context.norm, first_token)),
-                          attention_probe=_attention_received(block.attn)))
+                          attention_probe=_attention_received(block.attn),
+                          attention_core=_attention_core(block.attn), layout=joint_layout))
         sites.append(Site(f"blocks.{i}.mlp", "mlp", block.ff, layer=(i, L), tokenwise=True, scored_by=attn,
-                          score_tokens=joint.stream("image", text_first), feeders=((block.norm2, first_token),)))
+                          score_tokens=joint.stream("image", text_first), feeders=((block.norm2, first_token),),
+                          ffn=feed_forward_parts(block.ff), layout=image_layout))
         sites.append(Site(f"blocks.{i}.mlp_context", "mlp", block.ff_context, layer=(i, L), tokenwise=True,
                           scored_by=attn, score_tokens=joint.stream("text", text_first),
                           feeders=((block.norm2_context, first_token),)))
     for j, block in enumerate(single):
         i = len(double) + j
+        mlp = FeedForwardParts(block.proj_mlp, block.act_mlp, block.proj_out, head=block.proj_out.in_features -
+                               block.proj_mlp.out_features)
         sites.append(Site(f"single_blocks.{j}.fused", "fused", block.proj_out, layer=(i, L),
                           feeders=((block.norm.norm, first_token), (block.attn, single_attention_stand_in),
-                                   (block.proj_mlp, zeros_like_linear(block.proj_mlp)))))
+                                   (block.proj_mlp, zeros_like_linear(block.proj_mlp))), ffn=mlp, layout=joint_layout))
+        joint = JointAttention()  # HunyuanVideo's single-block attention returns (image, text)
+        sites.append(Site(f"single_blocks.{j}.attn", "attn_core", block.attn, unpack=joint.unpack, pack=joint.pack,
+                          layer=(i, L), attention_core=_attention_core(block.attn), layout=joint_layout))
     blocks = [*double, *single]
     for i, block in enumerate(blocks):
         streams = TwoStreams(text_first)
@@ -275,5 +323,10 @@ class MMDiTAdapter(Adapter):
             f"text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/), e.g. `python run.py model={self.cfg.name} "
             f"model.path={self.example_path}`. `profile=flops_only` needs no weights.")
 
+    def token_grid(self) -> tuple[int, ...]:
+        """The image (or video) token grid the transformer sees, (height, width) or (frames, height, width)."""
+        raise NotImplementedError
+
     def sites(self) -> list[Site]:
-        return mmdit_sites(self.transformer, self.text_first, type(self).single_attention_stand_in)
+        return mmdit_sites(self.transformer, self.text_first, type(self).single_attention_stand_in,
+                           self.cfg.text_tokens, self.token_grid())
