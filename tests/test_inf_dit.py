@@ -185,6 +185,15 @@ def test_strips_equal_the_whole_image(adapters, method):
     assert memory_peak > 0
 
 
+def test_offloading_keeps_the_image_and_moves_the_bytes_to_the_host(adapters):
+    """model.offload=true: the cache and the strip memories live on the host (here the CPU is both)."""
+    whole, *_ = _run(adapters, "method=foca", "cache.N=3", "model.mode=whole")
+    offloaded, *_, plan, memory_peak = _run(adapters, "method=foca", "cache.N=3", "model.mode=strips",
+                                            "model.offload=true")
+    torch.testing.assert_close(offloaded, whole, rtol=0, atol=1e-6)
+    assert plan.host_bytes() == plan.cache_bytes + plan.memory_bytes > 0 and memory_peak == plan.memory_bytes
+
+
 @pytest.mark.parametrize("method", INTERVAL_METHODS)
 def test_every_method_runs_and_N1_is_the_uncached_model(adapters, method):
     images, *_ = _run(adapters, f"method={method}", *KNOBS.get(method, ()))
@@ -201,7 +210,7 @@ def test_every_method_runs_and_N1_is_the_uncached_model(adapters, method):
 
 def test_step_axis_is_the_model_evaluation(adapters):
     """20 Heun steps are 39 evaluations (here 4 -> 7): one engine step each, times = their sigmas (repeated)."""
-    cfg = make_cfg(*TINY, f"sampler.steps={STEPS}", "method=foca", "cache.N=2")
+    cfg = make_cfg(*TINY, f"sampler.steps={STEPS}", "method=foca", "cache.N=2", "cache.warmup=0")
     cache = validate(cfg)
     adapter = adapters(cfg)
     with CacheEngine(methods.build(cache), adapter.sites(), trace=True) as engine:
@@ -265,3 +274,21 @@ def test_memory_at_2048_the_issue_figures():
     REPORTED.setdefault("Inf-DiT memory plan at 2048x2048, FoCa N=5, bf16 (test_inf_dit)", {}).update({
         "whole": memory_plan.describe(whole), "strips of 4 block rows": memory_plan.describe(strips),
         "full evaluations of 39": str(full)})
+
+
+@pytest.mark.slow
+def test_flops_at_2048_per_evaluation():
+    """The counts docs/models.md quotes (meta device, 2048x2048): a full evaluation 451.33 T, a skipped one (attention
+    and MLP forecast) 8.77 T, the CLIP embedding 0.16 T once; 20 steps = 17,601.9 T. About a minute on 2 cores."""
+    from foca_bench.runner import _count_flops
+
+    def count(*overrides):
+        cfg = make_cfg("model=inf_dit", "profile=flops_only", *overrides)
+        cache = validate(cfg)
+        return _count_flops(build_adapter(cfg.model, "cpu"), cache, cfg) / 1e12
+
+    one, three = count("method=none", "sampler.steps=1"), count("method=none", "sampler.steps=2")
+    forecast = count("method=foca", "cache.N=99", "cache.warmup=0", "sampler.steps=2")
+    full, skipped = (three - one) / 2, (forecast - one) / 2
+    assert full == pytest.approx(451.33, abs=0.01) and skipped == pytest.approx(8.77, abs=0.01)
+    assert one - full == pytest.approx(0.16, abs=0.01) and 39 * full + one - full == pytest.approx(17601.9, abs=0.5)

@@ -64,11 +64,10 @@ class InfDiTAdapter(Adapter):
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)
         self.arch = InfDiTArch(**OmegaConf.to_container(cfg.arch, resolve=True))
-        side = cfg.resolution // self.arch.block_pixels
-        if side * self.arch.block_pixels != cfg.resolution or cfg.resolution % (self.arch.sr_scale * 2):
+        if cfg.resolution % self.arch.block_pixels:
             raise ValueError(f"model.resolution={cfg.resolution} must be a multiple of Inf-DiT's block, "
                              f"{self.arch.block_pixels} px (block_size x patch_size).")
-        self.blocks_per_side = side
+        self.blocks_per_side = cfg.resolution // self.arch.block_pixels
         self.low_res: Optional[Callable[[int], np.ndarray]] = None  # benchmark=div8k: index -> (h, w, 3) uint8
         self.clip_source = "none"
         self.model, self.clip = self._build()
@@ -117,8 +116,10 @@ class InfDiTAdapter(Adapter):
         with torch.device("meta" if cfg.weights in ("meta", "pretrained") else "cpu"):
             model = InfDiT(self.arch)
             clip = ClipImageEmbedding(clip_arch["embed_dim"], clip_arch["vision_cfg"]) if clip_arch else None
-        if cfg.weights == "pretrained":
-            model.to_empty(device="cpu"), clip.to_empty(device="cpu") if clip is not None else None
+        if cfg.weights == "pretrained":  # built without memory, then filled from the checkpoint
+            for module in (model, clip):
+                if module is not None:
+                    module.to_empty(device="cpu")
             self.clip_source = load_original(str(cfg.path), model, clip, cfg.get("clip_path"))
         elif cfg.weights == "random":
             init_random(model, seed=0)

@@ -128,7 +128,7 @@ class StripMemory:
         self.offload = offload
         self.above: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.below: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        self.peak_bytes = 0
+        self.bytes = self.peak_bytes = 0
 
     def exchange(self, key: tuple[int, int], strip: Strip, k: Tensor, v: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """Keeps this strip's bottom block row of k, v (B, rows, cols, L, H, d) for the strip below, and returns
@@ -139,18 +139,18 @@ class StripMemory:
                 raise RuntimeError(f"Strip mode: no keys/values of the row above at evaluation {key[0]}, layer "
                                    f"{key[1]}: every strip must compute the same layers at the same evaluations (an "
                                    "interval method's schedule); use model.mode=whole for this method.")
-            top = tuple(t.to(k.device) for t in self.above.pop(key))
+            top = self.above.pop(key)
+            self.bytes -= sum(t.nbytes for t in top)
+            top = tuple(t.to(k.device) for t in top)
         if strip.row + strip.rows < strip.image_rows:
-            store = (lambda t: t.to("cpu", copy=True)) if self.offload else (lambda t: t.clone())
-            self.below[key] = (store(k[:, -1]), store(v[:, -1]))
-        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+            kept = tuple(t[:, -1].to("cpu", copy=True) if self.offload else t[:, -1].clone() for t in (k, v))
+            self.below[key] = kept
+            self.bytes += sum(t.nbytes for t in kept)
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
         return top
 
     def strip_done(self) -> None:
         self.above, self.below = self.below, {}
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for rows in (self.above, self.below) for pair in rows.values() for t in pair)
 
 
 @dataclass
