@@ -392,9 +392,10 @@ def validate(cfg: DictConfig) -> CacheConfig:
         cfg.sampler.guidance_scale = cfg.model.guidance_scale
     cache = OmegaConf.to_object(cfg.cache)  # runs the method's __post_init__ checks
     method_cls = methods.get(cache.name)
-    from foca_bench.adapters import ADAPTERS
+    from foca_bench.adapters import ADAPTERS  # a model's own refusals and engine steps
 
-    refusal = ADAPTERS[cfg.model.name].refuse(cfg.model, cache) if cfg.model.name in ADAPTERS else None
+    adapter_cls = ADAPTERS.get(cfg.model.name)
+    refusal = adapter_cls.refuse(cfg.model, cache) if adapter_cls else None
     if refusal:
         raise ValueError(refusal)
     if method_cls.adaptive and cfg.model.weights == "meta":
@@ -411,7 +412,6 @@ def validate(cfg: DictConfig) -> CacheConfig:
         raise ValueError(f"model.weights={cfg.model.weights!r}: choose pretrained, random or meta.")
     order = getattr(cache, "O", None)
     if order is not None and not method_cls.schedule_free:
-        adapter_cls = ADAPTERS.get(cfg.model.name)
         engine_steps = adapter_cls.engine_steps(cfg.sampler.steps) if adapter_cls else cfg.sampler.steps
         full = schedule_full_steps(cache, engine_steps)
         if order + 1 > full:

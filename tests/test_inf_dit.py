@@ -119,10 +119,12 @@ def test_golden_inputs_are_the_repo_scripts():
 
 
 # -- the checkpoint key map ------------------------------------------------------------------------------------
-def _synthetic_checkpoint(golden, path, rename=None, drop=None):
+def _synthetic_checkpoint(golden, path, rename=None, drop=None, clip=True):
     """A DeepSpeed-style file with the original's names and shapes: the golden tiny weights plus the entries the
-    original stores but never uses."""
+    original stores but never uses (`clip=False`: without the CLIP tower)."""
     module = {k[len("weights/"):]: v for k, v in golden.items() if k.startswith("weights/")}
+    if not clip:
+        module = {k: v for k, v in module.items() if not k.startswith("image_encoder.")}
     extra = {"transformer.position_embeddings.weight": torch.zeros(1, 64),
              "mixins.adaln_layer.k_layer_norm.0.weight": torch.ones(16),
              "mixins.adaln_layer.rope.freqs_cos": torch.zeros(32, 32, 16),
@@ -164,6 +166,22 @@ def test_loader_maps_the_original_names_and_names_what_it_cannot(golden, tmp_pat
     missing = _synthetic_checkpoint(golden, tmp_path / "missing.pt", drop="mixins.final_layer.linear.bias")
     with pytest.raises(CheckpointKeyError, match=r"missing final\.linear\.bias"):
         build_adapter(make_cfg(*_golden_arch_overrides(missing)).model, "cpu")
+
+
+def test_clip_tower_from_model_clip_path_or_a_clear_error(golden, tmp_path):
+    """A checkpoint without `image_encoder.model.visual.*` takes the tower from an OpenCLIP file; without one, the
+    error names model.clip_path."""
+    bare = _synthetic_checkpoint(golden, tmp_path / "bare.pt", clip=False)
+    with pytest.raises(MissingWeightsError, match=r"carries no CLIP tower.*model\.clip_path is not set"):
+        build_adapter(make_cfg(*_golden_arch_overrides(bare)).model, "cpu")
+    visual = {f"visual.{k[len('weights/image_encoder.model.visual.'):]}": v for k, v in golden.items()
+              if k.startswith("weights/image_encoder.model.visual.")}
+    torch.save({"state_dict": visual}, tmp_path / "open_clip.bin")
+    adapter = build_adapter(make_cfg(*_golden_arch_overrides(bare), f"model.clip_path={tmp_path / 'open_clip.bin'}")
+                            .model, "cpu")
+    _, clip = _ours_from_golden(golden)
+    assert adapter.clip_source.endswith("open_clip.bin")
+    assert torch.equal(adapter.clip.visual.proj, clip.visual.proj)
 
 
 def test_missing_weights_fail_fast_naming_key_and_source(tmp_path):

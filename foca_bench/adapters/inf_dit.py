@@ -25,6 +25,7 @@ authors' script runs, is what ours equals.
 """
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -101,7 +102,7 @@ class InfDiTAdapter(Adapter):
         return evaluations(steps)
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def _build(self) -> tuple[InfDiT, Optional[ClipImageEmbedding]]:
+    def _build(self) -> tuple[InfDiT, ClipImageEmbedding]:
         cfg, clip_arch = self.cfg, self.arch.clip
         if cfg.weights == "pretrained":  # first: fail in seconds without the file
             path = checkpoint_file(str(cfg.path)) if cfg.path else None
@@ -112,14 +113,17 @@ class InfDiTAdapter(Adapter):
                     f"model.path=/path/to/{CHECKPOINT_FILE} (or its folder); the CLIP tower comes from that file or "
                     f"from model.clip_path ({CLIP_WHERE}). `profile=flops_only` needs no weights; model.size=tiny "
                     "runs random weights.")
+            clip_path = cfg.get("clip_path")
+            if clip_path and not Path(clip_path).expanduser().is_file():
+                raise MissingWeightsError(f"model.clip_path={clip_path} does not exist: set it to {CLIP_WHERE}, or "
+                                          "to null when the Inf-DiT checkpoint carries its CLIP tower.")
         torch.manual_seed(0)  # random weights: the CLIP tower's construction-time init is the seeded one
         with torch.device("meta" if cfg.weights in ("meta", "pretrained") else "cpu"):
             model = InfDiT(self.arch)
-            clip = ClipImageEmbedding(clip_arch["embed_dim"], clip_arch["vision_cfg"]) if clip_arch else None
+            clip = ClipImageEmbedding(clip_arch["embed_dim"], clip_arch["vision_cfg"])
         if cfg.weights == "pretrained":  # built without memory, then filled from the checkpoint
             for module in (model, clip):
-                if module is not None:
-                    module.to_empty(device="cpu")
+                module.to_empty(device="cpu")
             self.clip_source = load_original(str(cfg.path), model, clip, cfg.get("clip_path"))
         elif cfg.weights == "random":
             init_random(model, seed=0)
@@ -127,10 +131,9 @@ class InfDiTAdapter(Adapter):
         if cfg.weights != "meta":
             model.rope_cos, model.rope_sin = rope_table(self.arch.rope_grid, self.arch.head_dim)
         for module in (model, clip):
-            if module is not None:
-                module.eval().requires_grad_(False).to(dtype=self.dtype)
-                if cfg.weights != "meta":
-                    module.to(self.device)
+            module.eval().requires_grad_(False).to(dtype=self.dtype)
+            if cfg.weights != "meta":
+                module.to(self.device)
         return model, clip
 
     # -- cache sites -----------------------------------------------------------------------------------------
@@ -192,8 +195,7 @@ class InfDiTAdapter(Adapter):
         lr = self.low_res_images(labels)
         side = self.cfg.resolution
         lr_up = TF.resize(lr, [side, side], interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(-1, 1)
-        vector = self.clip(lr) if self.clip is not None else torch.zeros(B, self.arch.vector_dim, device=lr.device,
-                                                                         dtype=lr.dtype)
+        vector = self.clip(lr)  # (B, vector_dim), once per generation as the original
         windows = self.model.lr_windows(lr, n, n)
         sigmas = edm_sigmas(steps, **self.cfg.scheduler).to(self.dtype)
         times = [float(s) for i in range(steps) for s in (sigmas[i], sigmas[i + 1])[: 1 + (i < steps - 1)]]
@@ -238,7 +240,7 @@ class InfDiTAdapter(Adapter):
         arch, dtype = self.arch, str(self.dtype).removeprefix("torch.")
         widths = dict.fromkeys(("attn", "mlp", "block", "blocks"), arch.hidden_size)
         widths["model"] = arch.patch_size**2 * arch.out_channels
-        weights = sum(p.nbytes for m in (self.model, self.clip) if m is not None for p in m.parameters())
+        weights = sum(p.nbytes for m in (self.model, self.clip) for p in m.parameters())
         gen = memory_plan.Generation(cache, tuple(engine.sites), widths, (self.blocks_per_side,) * 2,
                                      arch.block_size**2, arch.hidden_size, arch.num_layers, batch, total, self.dtype,
                                      weights)

@@ -188,15 +188,19 @@ def _rename(name: str, rules: list[tuple[re.Pattern, str]]) -> Optional[str]:
     return None
 
 
-def load_original(location: str, model: nn.Module, clip: Optional[nn.Module], clip_path: Optional[str]) -> str:
+def load_original(location: str, model: nn.Module, clip: nn.Module, clip_path: Optional[str]) -> str:
     """Loads the original checkpoint into `model` and the CLIP tower into `clip`; returns where the tower came from."""
     path = checkpoint_file(location)
     ours, visual = map_state(read_module_state(path), model.arch.num_layers)
     load_into(model, ours, f"Inf-DiT checkpoint {path}")
-    if clip is None:
-        return "none"
     source = f"{path} (image_encoder.model.visual)"
     if not visual:
+        if not clip_path or not Path(clip_path).expanduser().is_file():
+            from foca_bench.adapters.base import MissingWeightsError
+
+            where = "is not set" if not clip_path else f"={clip_path} does not exist"
+            raise MissingWeightsError(f"{path} carries no CLIP tower (image_encoder.model.visual.*) and "
+                                      f"model.clip_path {where}: set it to {CLIP_WHERE}.")
         visual, source = load_clip_file(Path(clip_path).expanduser()), str(clip_path)
     elif clip_path:
         log.info(f"<inf_dit> the checkpoint carries its CLIP tower; model.clip_path={clip_path} is not used")

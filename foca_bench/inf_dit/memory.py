@@ -25,6 +25,7 @@ import torch
 
 import methods
 from foca_bench.hooks import Site
+from methods._numerics import token_index
 from methods.base import CacheConfig, SiteKey, Step, Tokens, resolve
 
 GB = 1e9
@@ -37,7 +38,7 @@ class MemoryPlanError(ValueError):
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to run: the knobs that change memory (as the user sets them) and the shape of a generation."""
+    """One way to run: the knobs that change memory, as a user sets them."""
 
     mode: str  # whole | strips
     strip: int  # block rows per strip (strips)
@@ -105,7 +106,7 @@ def cache_peak_bytes(gen: Generation, cache: CacheConfig, tokens: int, unit: int
             partial = None
             if not full and plan.partial and site.tokenwise:
                 partial = (Tokens(site.role, *site.layer, batch=gen.batch, count=n),
-                           lambda idx, v=value: v.gather(1, idx[..., None].expand(*idx.shape, v.shape[-1])))
+                           lambda idx, v=value: v.gather(1, token_index(idx, v.shape)))
             resolve(method, key, step, full, lambda v=value: v, partial)
             computed[site.name] = full
         pairs += _attention_runs(gen, computed)

@@ -19,7 +19,7 @@ evaluation. Since a block only sees blocks above and to its left, strips taken t
 evaluation, give the whole image's result.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -55,7 +55,9 @@ class InfDiTArch:
     vector_dim: int = 768
     time_channels: int = 192
     rope_grid: int = 1024
-    clip: Optional[dict] = None
+    clip: dict = field(default_factory=lambda: {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24,
+                                                                                 "width": 1024, "head_width": 64,
+                                                                                 "patch_size": 14}})
 
     @property
     def head_dim(self) -> int:
