@@ -153,9 +153,9 @@ class CacheMethod(ABC):
         dtype = getattr(cfg, "dtype", None)
         self.storage_dtype: Optional[torch.dtype] = getattr(torch, dtype) if dtype else None
         self.feature_dtypes: dict[SiteKey, torch.dtype] = {}  # the model's dtype of each site's features
-        self.site_info: dict[str, SiteInfo] = {}
         self.feature_devices: dict[SiteKey, torch.device] = {}  # and device
         self.storage_device: Optional[torch.device] = None  # set by an adapter that offloads the cache to the host
+        self.site_info: dict[str, SiteInfo] = {}
         self.reset()
 
     def bind(self, sites: dict[str, SiteInfo]) -> None:

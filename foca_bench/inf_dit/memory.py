@@ -26,7 +26,7 @@ import torch
 import methods
 from foca_bench.hooks import Site
 from methods._numerics import token_index
-from methods.base import CacheConfig, SiteKey, Step, Tokens, resolve
+from methods.base import CacheConfig, SiteInfo, SiteKey, Step, Tokens, resolve
 
 GB = 1e9
 ACTIVATION_WIDTHS = 24  # ~ live (tokens x hidden) tensors of a block's forward: qkv, 4 neighbours' k and v, MLP 4x
@@ -91,6 +91,7 @@ def cache_peak_bytes(gen: Generation, cache: CacheConfig, tokens: int, unit: int
     how many (evaluation, layer) pairs run self-attention. The copy runs `unit` tokens per site; its peak is scaled
     by tokens / unit (exact when `tokens` <= `unit`)."""
     method = methods.build(cache)
+    method.bind({s.name: SiteInfo(s.role, s.layer) for s in gen.sites})
     method.reset()
     n = min(tokens, unit)
     rng = torch.Generator().manual_seed(0)
