@@ -86,6 +86,27 @@ class VideoModelConfig(ModelConfig):
 
 
 @dataclass
+class InfDiTModelConfig(ModelConfig):
+    """Inf-DiT (`model=inf_dit`; `resolution` is the output side, `scheduler` the EDM sigmas).
+
+    Attributes:
+        clip_path: an OpenCLIP ViT-L-14 checkpoint, used when the Inf-DiT checkpoint carries no CLIP tower.
+        mode: `whole` (the image at each evaluation), `strips` (`strip` full-width block rows through all
+            evaluations, then the next strip: the same image, a cache of one strip) or `auto` (whole if the memory
+            plan fits, else the widest strips that do).
+        strip: block rows per strip in strip mode.
+        offload: keep the feature cache and strip mode's memories in host memory.
+        memory_budget_gb: the device memory the run may use; null: what the device has free.
+    """
+
+    clip_path: Optional[str] = None
+    mode: str = "auto"
+    strip: int = 4
+    offload: bool = False
+    memory_budget_gb: Optional[float] = None
+
+
+@dataclass
 class SamplerConfig:
     """Attributes:
     steps: number of denoising steps (the paper's "DDIM-k steps" rows are `method=none sampler.steps=k`).
@@ -293,6 +314,7 @@ def register_schemas() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="model", name="video_model_schema", node=VideoModelConfig)
+    cs.store(group="model", name="inf_dit_model_schema", node=InfDiTModelConfig)
     cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
     cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
     cs.store(group="benchmark", name="drawbench_schema", node=DrawBenchConfig)
@@ -397,6 +419,12 @@ def validate(cfg: DictConfig) -> CacheConfig:
                          f"{' or '.join(lineages)} (`dit`, the DiT repository's sampler, is for DiT models).")
     cache = OmegaConf.to_object(cfg.cache)  # runs the method's __post_init__ checks
     method_cls = methods.get(cache.name)
+    from foca_bench.adapters import ADAPTERS  # a model's own refusals and engine steps
+
+    adapter_cls = ADAPTERS.get(cfg.model.name)
+    refusal = adapter_cls.refuse(cfg.model, cache) if adapter_cls else None
+    if refusal:
+        raise ValueError(refusal)
     if method_cls.adaptive and cfg.model.weights == "meta":
         raise ValueError(f"method={cache.name} decides each step from feature values, which the meta device does "
                          "not have: count its FLOPs with model.weights=random (and profile.latency=false) instead "
@@ -411,7 +439,8 @@ def validate(cfg: DictConfig) -> CacheConfig:
         raise ValueError(f"model.weights={cfg.model.weights!r}: choose pretrained, random or meta.")
     order = getattr(cache, "O", None)
     if order is not None and not method_cls.schedule_free:
-        full = schedule_full_steps(cache, cfg.sampler.steps)
+        engine_steps = adapter_cls.engine_steps(cfg.sampler.steps) if adapter_cls else cfg.sampler.steps
+        full = schedule_full_steps(cache, engine_steps)
         if order + 1 > full:
             raise ValueError(f"cache.O={order} needs at least {order + 1} full steps, but sampler.steps="
                              f"{cfg.sampler.steps}, cache.N={cache.N}, cache.warmup={cache.warmup} compute only "

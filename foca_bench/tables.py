@@ -30,7 +30,7 @@ METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": 
                 "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
                 "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
                 "diffusers_fastercache": "diffusers FasterCache", "chipmunk": "Chipmunk", "smoothcache": "SmoothCache",
-                "l2c": "L2C"}
+                "l2c": "L2C", "abcache": "AB-Cache"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
                 "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
                 **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")},
@@ -41,6 +41,7 @@ MODEL_NAMES = {
     "dit_xl_2": "DiT-XL/2 256x256",
     "flux": "FLUX.1-dev 1024x1024",
     "hunyuan_video": "HunyuanVideo 480x640, 65 frames",
+    "inf_dit": "Inf-DiT 512→2048 (EDM Heun, 39 evaluations)",
 }
 # column key -> (header, digits, higher_is_better, suffix); quality metrics add their own from the records
 COLUMNS = {
@@ -144,8 +145,12 @@ def _latest_by_label(records: list[tuple[Path, dict]]) -> dict[str, tuple[Path, 
 
 
 def _full_steps(rec: dict) -> str:
+    from foca_bench.adapters import ADAPTERS
+
     full = rec["samples"].get("full_steps")  # None: unknown (diffusers' hooks do not report it)
-    return f"{'—' if full is None else full}/{rec['samples']['steps']}"
+    adapter = ADAPTERS.get(rec["model"])  # the engine's steps (Inf-DiT: 39 Heun evaluations for 20 steps)
+    steps = adapter.engine_steps(rec["samples"]["steps"]) if adapter else rec["samples"]["steps"]
+    return f"{'—' if full is None else full}/{steps}"
 
 
 def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:
@@ -290,11 +295,12 @@ def to_latex(table: Table) -> str:
 def _latency_note(results_dir: Path, benchmark: str, model: str, first: dict) -> str:
     lat = first["profile"].get("latency_detail", {})
     where = f"`{results_dir}/{benchmark}/{model}/<method>/<Record>.json`"
+    baseline = f"the uncached model (method=none, {first['profile'].get('baseline', {}).get('steps', 50)} steps)"
     if not lat:
         return f"FLOPs: one sample's whole generation (FlopCounterMode). Each row's numbers come from {where}."
     return (f"Latency: median of {lat.get('repeats')} runs of a batch of {lat.get('batch_size')} on "
-            f"{first['device']} after warm-up, interleaved with DDIM-50; FLOPs: one sample's whole generation "
-            f"(FlopCounterMode). Speed = FLOPs speed-up against DDIM-50 in the same process. Each row's numbers "
+            f"{first['device']} after warm-up, interleaved with {baseline}; FLOPs: one sample's whole generation "
+            f"(FlopCounterMode). Speed = FLOPs speed-up against {baseline} in the same process. Each row's numbers "
             f"come from {where}.")
 
 

@@ -109,3 +109,11 @@ def token_index(indices: Tensor, shape: torch.Size) -> Tensor:
     """(B, k) token indices expanded over the feature dims of a (B, tokens, ...) tensor of `shape`, for
     `gather`/`scatter_` along dim 1 (token-wise methods' partial steps)."""
     return indices.view(*indices.shape, *([1] * (len(shape) - 2))).expand(*indices.shape, *shape[2:])
+
+
+def extrapolation_weights(times: Sequence[float], t: float) -> list[float]:
+    """Lagrange weights w_j, in the order of `times`, with p(t) = sum_j w_j F_j for the polynomial p through the points
+    (times[j], F_j): exact for polynomials of degree < len(times). One step past a uniform grid they are the binomial
+    weights (-1)^(j+1) C(k, j) of the j-th newest point (2, -1 for k = 2; 3, -3, 1 for k = 3)."""
+    k = len(times)
+    return [float(math.prod((t - times[m]) / (times[j] - times[m]) for m in range(k) if m != j)) for j in range(k)]

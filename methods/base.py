@@ -203,6 +203,8 @@ class CacheMethod(ABC):
         dtype = getattr(cfg, "dtype", None)
         self.storage_dtype: Optional[torch.dtype] = getattr(torch, dtype) if dtype else None
         self.feature_dtypes: dict[SiteKey, torch.dtype] = {}  # the model's dtype of each site's features
+        self.feature_devices: dict[SiteKey, torch.device] = {}  # and device
+        self.storage_device: Optional[torch.device] = None  # set by an adapter that offloads the cache to the host
         self.site_info: dict[str, SiteInfo] = {}
         self.reset()
 
@@ -212,13 +214,15 @@ class CacheMethod(ABC):
         self.site_info = dict(sites)
 
     def keep(self, key: SiteKey, features: Tensor) -> Tensor:
-        """A fresh feature as the method stores it: in `cache.dtype` (remembering the model's dtype)."""
-        self.feature_dtypes[key] = features.dtype
-        return features if self.storage_dtype is None else features.to(self.storage_dtype)
+        """A fresh feature as the method stores it: in `cache.dtype`, on `storage_device` (remembering the model's
+        dtype and device)."""
+        self.feature_dtypes[key], self.feature_devices[key] = features.dtype, features.device
+        features = features if self.storage_dtype is None else features.to(self.storage_dtype)
+        return features if self.storage_device is None else features.to(self.storage_device)
 
     def give(self, key: SiteKey, value: Tensor) -> Tensor:
-        """A stored or forecast value as the model uses it: back in the model's dtype."""
-        return value.to(self.feature_dtypes.get(key, value.dtype))
+        """A stored or forecast value as the model uses it: back in the model's dtype and on its device."""
+        return value.to(self.feature_devices.get(key, value.device), self.feature_dtypes.get(key, value.dtype))
 
     def is_full(self, index: int, total: Optional[int] = None) -> bool:
         """The interval schedule: full when i < warmup or (i - warmup) % N == 0 (`total`, the number of steps,

@@ -283,6 +283,7 @@ def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapte
     (dict(name="taylorseer", N=3, O=2), 3),  # factors of order 0..2
     (dict(name="foca", N=3), 4),          # at most F_{i-1}, F_i, F_b, D_full
     (dict(name="foca", N=3, reading="cachedit"), 4),  # the same four, D undivided
+    (dict(name="abcache", N=3, k=3), 3),  # the last k values
     (dict(name="none"), 0),
 ])
 def test_cache_bytes_peak_counts_the_tensors_each_method_keeps_per_site(adapter, cache, tensors_per_site):

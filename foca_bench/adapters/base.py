@@ -42,6 +42,17 @@ class Adapter(ABC):
         self.device = torch.device("meta") if cfg.weights == "meta" else torch.device(device)
         self.dtype = getattr(torch, cfg.dtype)
 
+    @classmethod
+    def refuse(cls, model_cfg: Any, cache: Any) -> Optional[str]:
+        """Why this model cannot run the method configuration `cache` (checked by `config.validate`, before any
+        weights load), or None."""
+        return None
+
+    @staticmethod
+    def engine_steps(steps: int) -> int:
+        """The caching engine's steps in a generation of `sampler.steps=steps` (a Heun sampler's model evaluations)."""
+        return steps
+
     @abstractmethod
     def sites(self) -> list[Site]:
         """Every cache site, in model order."""

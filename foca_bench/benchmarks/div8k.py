@@ -3,8 +3,8 @@
 Sample i is the i-th ground-truth PNG of `gt_path` (sorted by name). Its target is the centre `hr_size` crop; the
 model's input is that crop downsampled `scale` times (bicubic with antialiasing, PIL). Scores: PSNR and SSIM of the
 output against the crop (`evaluation/sr_metrics.py`). Generation needs an adapter that super-resolves
-(`adapter.super_resolves`, given `adapter.low_res(index)`); none is built yet (Inf-DiT, issue 4), so the benchmark's
-protocol and metrics run today on outputs any upsampler writes into its sample folder.
+(`adapter.super_resolves`: Inf-DiT, `model=inf_dit`, whose `model.resolution` must be `hr_size`); it reads each
+sample's input through `adapter.low_res(index)`, which `prepare` sets.
 """
 
 from pathlib import Path
@@ -52,7 +52,10 @@ class Div8K(FileBenchmark):
     def prepare(self, adapter: Any) -> None:
         if not getattr(adapter, "super_resolves", False):
             raise ValueError(f"benchmark=div8k needs a super-resolution model; model={adapter.cfg.name} generates "
-                             "from noise. The paper's model is Inf-DiT (model=inf_dit), not built yet.")
+                             "from noise. The paper's model is Inf-DiT: model=inf_dit.")
+        if adapter.cfg.resolution != self.cfg.hr_size:
+            raise ValueError(f"benchmark.hr_size={self.cfg.hr_size} but model.resolution={adapter.cfg.resolution}: "
+                             "the model must output the crop's size; set them equal.")
         samples = self.samples()
         adapter.low_res = lambda index: self.low_res(samples[index])  # read when a batch needs it, not up front
 
