@@ -3,7 +3,9 @@
 A method sees site names, step indices, times and tensors, never an `nn.Module` (adapters say *where*,
 methods say *how*). Four verbs: `plan(step)`, `update(key, step, features)`, `forecast(key, step)`, `reset()`;
 token-wise methods (ToCa, DuCa) add `select(key, step, tokens)` and `update_tokens(key, step, indices, features)`
-for partial steps.
+for partial steps. A method whose forecast is a linear combination of tensors it holds (FORA, TaylorSeer, FoCa)
+states it as `forecast_terms(key, step)` instead of `forecast`: the same numbers eagerly, and the engine can fuse a
+whole skipped step into one compiled graph (`foca_bench/fused.py`).
 `resolve` is the one function that turns a plan into the value a site uses; both the runtime hook
 (`foca_bench/hooks.py`) and `methods.replay` call it, so offline analysis drives exactly the live code path.
 """
@@ -14,6 +16,8 @@ from typing import Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from methods._numerics import combine
 
 
 class SiteKey(NamedTuple):
@@ -89,6 +93,13 @@ class SiteInfo(NamedTuple):
     layer: tuple[int, int] = (0, 1)
 
 
+class Terms(NamedTuple):
+    """A forecast as a linear combination: sum_j weights[j] * tensors[j] (`CacheMethod.forecast_terms`)."""
+
+    tensors: tuple[Tensor, ...]
+    weights: tuple[float, ...]
+
+
 @dataclass
 class CacheConfig:
     """Fields every method accepts (`cache.*`).
@@ -144,6 +155,7 @@ class CacheMethod(ABC):
     # stack's output (not input + residual); at a computed step the stack's value is the method's after `update`
     stack_output: ClassVar[bool] = False
     external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
+    fusable: ClassVar[bool] = False  # forecasts by `forecast_terms`: the engine may fuse a skipped step (model.compile)
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model
@@ -187,13 +199,26 @@ class CacheMethod(ABC):
     def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
         """Receives a freshly computed feature of `key` at a full step."""
 
-    @abstractmethod
     def forecast(self, key: SiteKey, step: Step) -> Tensor:
-        """Returns the value `key` takes at a step that is not computed.
+        """Returns the value `key` takes at a step that is not computed (by default, `forecast_terms` evaluated).
 
         The tensor is valid until the method's next step of `key` (a method may reuse its buffer); a caller
         that keeps it longer copies it.
         """
+        return combine(*self.forecast_terms(key, step))
+
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
+        """The forecast of `key` at `step` as a linear combination of tensors the method holds, advancing its
+        state as `forecast` would (methods with `fusable = True`).
+
+        The engine's fused skipped step (`foca_bench/fused.py`) evaluates every site's combination inside one
+        compiled graph, where it fuses into the gates and residual adds that consume it: no forecast is written.
+        So that one graph serves every skipped step, a method returns the same number of tensors at every call
+        for a site (padding with zero tensors it holds, at weight 0), no tensor twice (aliased inputs compile
+        another graph), and none it will later modify in place. Weights are plain floats: they enter the graph as
+        a tensor, never as constants.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither forecast nor forecast_terms")
 
     @abstractmethod
     def reset(self) -> None:

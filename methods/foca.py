@@ -16,22 +16,25 @@ At a skipped step i+1, with h = t_{i+1} - t_i and w = h / (t_i - t_{i-1}):
 4. F_{i+1} becomes the newest trajectory point.
 While fewer than two trajectory points exist a skipped step reuses F_i (and that value becomes a point too).
 
-Steps 2-3 are evaluated in the fused form `_numerics.foca_weights` derives (two kernels per site);
-tests check it against `bdf2_predict`/`heun_correct`. Memory: at most four tensors per site (F_{i-1}, F_i,
-F_b, D_full); right after a full step F_b is F_i. A forecast is written into the buffer of the forecast two
-steps back once nothing else references it, so a run of skipped steps allocates nothing: a returned forecast
-is valid until the site's next step (the `CacheMethod.forecast` contract; the engine's trace and `replay`
-copy what they keep).
+Steps 2-3 are F_i + k1 (F_i - F_{i-1}) + k2 D_full (`_numerics.foca_weights`), linear in the points, so every
+point since the last full step b lies in the span of three anchors: F_b, P (the point before b) and D_full. A
+point is kept as its three weights, a forecast is those weights applied (`forecast_terms`: the engine can fuse
+it into a compiled skipped step), and a skipped step writes no tensor; the next full step materializes the last
+point as its P. Memory: three tensors per site (F_b, P, D_full).
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from methods import register
-from methods._numerics import divided_difference, extrapolate, foca_weights
-from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+from methods._numerics import combine, divided_difference, foca_weights
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step, Terms
+
+Weights = tuple[float, float, float]  # a trajectory point over the anchors (F_b, P, D_full)
+AT_FULL, AT_P, D_ONLY = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -57,25 +60,33 @@ class FoCaConfig(CacheConfig):
 
 @dataclass
 class _SiteState:
-    current: Tensor  # F_i
-    t_current: float
     full: Tensor  # F_b, the last fully computed value
     t_full: float
-    previous: Optional[Tensor] = None  # F_{i-1}
-    t_previous: float = 0.0
+    before: Optional[Tensor] = None  # P, the trajectory point before b (None after the first full step)
     d_full: Optional[Tensor] = None  # D_full; None (zero) while only one full step exists
-    current_is_ours: bool = False  # F_i is a forecast buffer only this state references
-    spare: Optional[Tensor] = None  # F_{i-1} when it is ours: overwritten by the next forecast
+    current: Weights = AT_FULL  # F_i over the anchors
+    t_current: float = 0.0
+    previous: Optional[Weights] = None  # F_{i-1} over the anchors; None while F_i is the only point
+    t_previous: float = 0.0
+    zeros: tuple[Tensor, ...] = ()  # stand-ins for missing anchors, until the next full step
 
-    def push(self, value: Tensor, t: float, ours: bool = False) -> None:
-        self.spare = self.current if self.current_is_ours else None
+    def anchors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(F_b, P, D_full), a missing anchor standing in as zeros (its weight is 0): distinct tensors, since
+        aliased inputs would make the engine compile a second graph."""
+        if (self.before is None or self.d_full is None) and not self.zeros:
+            self.zeros = (torch.zeros_like(self.full), torch.zeros_like(self.full))
+        before = self.zeros[0] if self.before is None else self.before
+        return self.full, before, self.zeros[1] if self.d_full is None else self.d_full
+
+    def push(self, point: Weights, t: float) -> None:
         self.previous, self.t_previous = self.current, self.t_current
-        self.current, self.t_current, self.current_is_ours = value, t, ours
+        self.current, self.t_current = point, t
 
 
 @register("foca")
 class FoCa(CacheMethod):
     config_class = FoCaConfig
+    fusable = True
 
     def reset(self) -> None:
         self.state: dict[SiteKey, _SiteState] = {}
@@ -84,21 +95,22 @@ class FoCa(CacheMethod):
         t = self.time(step)
         s = self.state.get(key)
         if s is None:
-            self.state[key] = _SiteState(current=features, t_current=t, full=features, t_full=t)
+            self.state[key] = _SiteState(full=features, t_full=t, t_current=t)
             return
-        s.d_full = divided_difference(features, s.full, t - s.t_full)
-        s.full, s.t_full = features, t
-        s.push(features, t)
+        d_full = divided_difference(features, s.full, t - s.t_full)
+        before = s.full if s.current == AT_FULL else combine(s.anchors(), s.current)  # F_i becomes F_{i-1}
+        self.state[key] = _SiteState(full=features, t_full=t, before=before, d_full=d_full, t_current=t,
+                                     previous=AT_P, t_previous=s.t_current)
 
-    def forecast(self, key: SiteKey, step: Step) -> Tensor:
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
         s = self.state[key]
         t = self.time(step)
         if s.previous is None:
-            value = s.current
+            point = s.current
         else:
-            # bdf2_predict + heun_correct, fused into F_i + k1 (F_i - F_{i-1}) + k2 D_full (2 kernels)
             k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
-            # written into F_{i-1}'s buffer when it is a forecast of ours (no allocation, no page faults)
-            value = extrapolate(s.current, s.previous, k1, s.d_full, k2, out=s.spare)
-        s.push(value, t, ours=value is not s.current)
-        return value
+            # F_i + k1 (F_i - F_{i-1}) + k2 D_full, on the anchors' weights (D_full is zero while it is missing)
+            k2 = 0.0 if s.d_full is None else k2
+            point = tuple(c + k1 * (c - p) + k2 * d for c, p, d in zip(s.current, s.previous, D_ONLY))
+        s.push(point, t)
+        return Terms(s.anchors(), point)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from methods import register
-from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step, Terms
 
 
 @dataclass
@@ -20,6 +20,7 @@ class FORAConfig(CacheConfig):
 @register("fora")
 class FORA(CacheMethod):
     config_class = FORAConfig
+    fusable = True
 
     def reset(self) -> None:
         self.last: dict[SiteKey, Tensor] = {}
@@ -27,5 +28,5 @@ class FORA(CacheMethod):
     def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
         self.last[key] = features
 
-    def forecast(self, key: SiteKey, step: Step) -> Tensor:
-        return self.last[key]
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
+        return Terms((self.last[key],), (1.0,))
