@@ -30,7 +30,10 @@ def test_n1_equals_none_exactly(adapter, name):
     reference, _ = generate(adapter, "none")
     out, engine = generate(adapter, name, **EXACT.get(name, {"N": 1}))
     assert engine.full_steps == STEPS
-    assert torch.equal(out, reference)
+    if set(methods.get(name).roles) & {"model", "blocks", "block"}:  # per-step conditioning: its own rounding
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(out, reference)
 
 
 @pytest.mark.parametrize("name", ["fora", "taylorseer", "foca"])
@@ -216,11 +219,12 @@ def per_step_adapter():
 
 @pytest.mark.parametrize("cache", [dict(name="none"), dict(name="foca", N=3), dict(name="teacache", l=0.1)])
 def test_precomputed_conditioning_equals_the_per_step_path(adapter, per_step_adapter, cache):
-    """One batched embedding per block and generation gives bit-identical samples to per-step embeddings."""
+    """Batched embeddings and modulations per generation give the per-step path's samples, to the rounding of
+    the batched matrix products (~1e-7 relative per step, grown to ~1e-5 over a cached trajectory)."""
     assert adapter.cfg.precompute_conditioning and not per_step_adapter.cfg.precompute_conditioning
     extra = {"coefficients": [1.0, 0.0]} if cache["name"] == "teacache" else {}
     outs = [generate(a, **cache, **extra)[0] for a in (adapter, per_step_adapter)]
-    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
 def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapter, per_step_adapter, monkeypatch):
@@ -247,7 +251,7 @@ def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapte
 @pytest.mark.parametrize("cache,tensors_per_site", [
     (dict(name="fora", N=3), 1),          # the last full value
     (dict(name="taylorseer", N=3, O=2), 3),  # factors of order 0..2
-    (dict(name="foca", N=3), 4),          # at most F_{i-1}, F_i, F_b, D_full
+    (dict(name="foca", N=3), 3),          # F_b, the point before it, D_full
     (dict(name="none"), 0),
 ])
 def test_cache_bytes_peak_counts_the_tensors_each_method_keeps_per_site(adapter, cache, tensors_per_site):
