@@ -91,7 +91,7 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 # A latency measurement repeats until its samples spread (interquartile range / median) at most SPREAD, or
 # TIME_CAP_S has passed since its first timed run; a table marks what is still wider (`latency_mark`).
 SPREAD = 0.05
-TIME_CAP_S = 60.0
+TIME_CAP_S = 30.0
 NOISY, BEYOND_FLOPS = "†", "‡"  # `latency_mark`'s marks; README.md says what they mean
 
 
