@@ -252,7 +252,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "against eager `none`). Projected: from the step times (model calls only); measured: whole generations "
         "interleaved with `none`, medians. (ratio) = latency speed-up / FLOPs speed-up.",
         f"Step times: medians over probe runs interleaved round by round; spread = interquartile range / median of "
-        f"the runs' medians. Marks: † samples spread more than {SPREAD:.0%}; ‡ the paired speed-ups' lower quartile "
+        f"the runs' medians. Marks: † samples spread more than {SPREAD:.0%}; § the paired speed-ups' lower quartile "
         "exceeds the FLOPs speed-up (an artefact). DiT-XL/2 runs random weights (timing does not depend on their "
         "values); its whole generations are not timed on a CPU (minutes each): its ratio is projected.",
     ]

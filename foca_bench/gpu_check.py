@@ -244,7 +244,7 @@ def table(rows: list[dict], skipped: list[str], meta: dict) -> str:
             gib(r.get("peak_bytes")), gib(r["cache_bytes"]), f"{r['full_steps']}/{meta['steps']}"]) + " |")
     notes = ["Ratio = latency speed-up / FLOPs speed-up against `none` in the same mode; paper: its Tables 1-3 "
              "(DiT's from its latency column). Latency: medians of whole generations interleaved with `none` "
-             "(CUDA events); † samples spread more than 5%, ‡ a speed-up beyond the FLOPs one (README). Peak "
+             "(CUDA events); † samples spread more than 5%, § a speed-up beyond the FLOPs one (README). Peak "
              "memory: the device's peak allocation in the method's warm-up generation; cache: the feature cache "
              "at its peak. TeaCache's skipped steps count as 0 FLOPs."]
     if skipped:

@@ -92,7 +92,7 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 # TIME_CAP_S has passed since its first timed run; a table marks what is still wider (`latency_mark`).
 SPREAD = 0.05
 TIME_CAP_S = 30.0
-NOISY, BEYOND_FLOPS = "†", "‡"  # `latency_mark`'s marks; README.md says what they mean
+NOISY, BEYOND_FLOPS = "†", "§"  # `latency_mark`'s marks; README.md says what they mean
 
 
 def spread(samples: Sequence[float]) -> float:
@@ -163,7 +163,7 @@ def latency_mark(mine_s: Sequence[float], base_s: Sequence[float], flops_speedup
         max_spread: the largest `spread` (interquartile range / median) a cell's samples may have.
 
     Returns:
-        `NOISY` (†) when either side's samples spread more than `max_spread` (`spread`), plus `BEYOND_FLOPS` (‡)
+        `NOISY` (†) when either side's samples spread more than `max_spread` (`spread`), plus `BEYOND_FLOPS` (§)
         when the lower quartile of the paired latency speed-ups (baseline_i / row_i) exceeds the FLOPs speed-up:
         a speed-up beyond what the work removed, and beyond the noise, which a measurement artefact (load, a cold
         baseline) explains; '' else.

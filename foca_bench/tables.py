@@ -264,7 +264,7 @@ def to_markdown(table: Table) -> str:
 
 _LATEX = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
           "×": r"$\times$", "Δ": r"$\Delta$", "—": "--", "α": r"$\alpha$", "∞": r"$\infty$", "`": "", "→": r"$\to$",
-          "†": r"$\dagger$", "‡": r"$\ddagger$"}
+          "†": r"$\dagger$", "§": r"\S"}
 
 
 def _tex(text: str) -> str:

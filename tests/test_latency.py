@@ -1,5 +1,5 @@
 """Latency you can trust: measurements repeat until their samples agree or a time cap passes and keep every sample;
-`latency_mark` marks a noisy cell (†) and a speed-up beyond the FLOPs one (‡), from synthetic timings; tables carry
+`latency_mark` marks a noisy cell (†) and a speed-up beyond the FLOPs one (§), from synthetic timings; tables carry
 the marks."""
 
 import pytest
