@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
 
-.PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables readings flops-dit flops-flux flops-hunyuan bench clean-results
+.PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables readings flops-dit flops-flux \
+	flops-hunyuan bench gpu-wheels gpu-check clean-results
 
 install: $(VENV)/.installed
 
@@ -92,9 +93,32 @@ flops-hunyuan: install
 	$(RUN) -m experiment=table2_hunyuan profile=flops_only '+row/table2_hunyuan=glob(*,exclude=[teacache_*])'
 	$(PY) -m foca_bench.tables
 
-# Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.
+# Latency on the CPU, one table and one record (results/bench/): per model (toy_dit batch 16, DiT-XL/2 at batch 2
+# with random weights, tiny FLUX), eager and compiled, full and skipped step per method, projected and measured
+# latency/FLOPs ratios at N=5, diffusers' TaylorSeerCache beside ours. ~10 minutes on 2 idle cores.
 bench: install
 	$(PY) -m foca_bench.bench_latency
+
+# The GPU check's missing packages (the lent GPU machine's python3.12 has torch but no diffusers, hydra-core,
+# omegaconf or antlr4): pure-Python wheels into .gpu-wheels/ (ignored; ~7 MB), here, where there is network.
+# antlr4-python3-runtime 4.9.3 exists only as a source archive: built into a wheel here.
+GPU_WHEELS := .gpu-wheels
+GPU_PINS := diffusers==0.42.1 hydra-core==1.3.8 omegaconf==2.3.1
+gpu-wheels: $(GPU_WHEELS)/.done
+
+$(GPU_WHEELS)/.done:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
+		--platform any -d $(GPU_WHEELS) $(GPU_PINS)
+	$(PYTHON) -m pip wheel --quiet --no-deps -w $(GPU_WHEELS) antlr4-python3-runtime==4.9.3
+	touch $@
+
+# On one GPU (the lent machine: carry .gpu-wheels), < 8 minutes: FLUX.1-dev 1024x1024, DiT-XL/2 and HunyuanVideo
+# with random weights, eager and compiled, latency/FLOPs ratios beside the paper's (results/gpu_check/). Uses the
+# machine's python3, not .venv; fails in seconds without a GPU. GPU_CHECK_ARGS="--copy-to $$OUT" copies the table.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m foca_bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean-results:
 	rm -rf results/toy_fid results/flops results/cache results/traces results/tables results/figures results/hydra \

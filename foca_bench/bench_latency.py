@@ -1,122 +1,329 @@
-"""Latency benchmark: what a full step and a skipped step cost per method, and where FoCa's speed-up goes.
+"""Latency benchmark (`make bench`): what a full and a skipped step cost per method, eager and compiled, beside
+diffusers' TaylorSeerCache, in one table and one record.
 
-`python -m foca_bench.bench_latency` (`make bench`) prints, for the shipped toy_dit at batches 16 and 64:
-- the wall time and FLOPs of a full step, and of a skipped step for each method (medians of the model calls of
-  individual steps, from runs with two full steps and the rest skipped; FLOPs per step from meta-device counts);
-- for FoCa N=5 over 50 steps: its FLOPs speed-up, the latency speed-up projected from those per-step costs, the
-  projection with FORA's skipped step (a forecast that costs nothing: the model's own uncached work only), and
-  the end-to-end latency speed-up measured interleaved with `none`, as the runner does.
-`--model dit_xl_2 --batch 1 --steps 7` does the same on the real DiT-XL/2 architecture with random weights
-(timing does not depend on weight values; ~3 minutes on 2 cores) and, at so few steps, projects only.
+`python -m foca_bench.bench_latency` runs, per model (toy_dit at batch 16; DiT-XL/2 at batch 2 with random
+weights; tiny FLUX), per mode (`eager`; `compiled`: `model.compile=inductor`, every step of FORA, TaylorSeer,
+FoCa and `none` one graph, `foca_bench/fused.py`) and per method:
+- the model call of a full step and of a skipped step (medians of per-run medians; probe runs of a few steps,
+  interleaved across methods round by round until their spreads settle or `--time-cap` passes);
+- FLOPs per full and skipped step (meta-device counts; a skipped step's are the uncached work, ~1% of a full one);
+- at the schedule of the speed-up columns (`--N`, 50 steps): the FLOPs speed-up, the latency speed-up projected
+  from the step times, and, where whole generations are affordable (not DiT-XL/2 on a CPU), the latency speed-up
+  measured end to end, interleaved with `none`; latency/FLOPs ratios of both, cells marked by
+  `profiling.latency_mark` (README: 'Latency you can trust').
+Peers: diffusers' TaylorSeerCache hook at the same N and order (`method=diffusers_taylorseer`, eager: it is
+Python hooks), and any other method listed in `PEERS` (cache-dit's DBCache joins there once the project has
+it as a method). The record (`results/bench/bench_<time>.json`) keeps every sample, the machine's
+load average before and after, and the table (`.md`).
 
-Figures, not assertions: speed targets are read here, never timed in tests. A skipped step still runs what no
-per-site cache removes (adaLN conditioning, gates and residual adds, patch embedding, final layer, scheduler)
-plus the forecast arithmetic; these are elementwise, memory-bound and counted as 0 FLOPs, so their share of
-the time exceeds their share of the FLOPs most on a narrow model (toy_dit: width 128) and least on a wide one.
-`--default-malloc` keeps glibc's allocator defaults (see `profiling.tune_cpu_allocator`).
+Figures, not assertions: speed targets are read here, never timed in tests. What a skipped step still runs
+(adaLN modulation, gates and residual adds, patch embedding, final layer) is elementwise, memory-bound and counted
+as 0 FLOPs, so its share of the time exceeds its share of the FLOPs most on a narrow model (toy_dit: width 128).
 """
 
 import argparse
+import json
+import os
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 import methods
 from foca_bench.adapters import build_adapter
-from foca_bench.config import compose, schedule_full_steps, validate
-from foca_bench.hooks import CacheEngine
-from foca_bench.profiling import count_flops, time_once, tune_cpu_allocator
+from foca_bench.config import compose, validate
+from foca_bench.fused import build_engine
+from foca_bench.profiling import (SPREAD, count_flops, latency_mark, measure_interleaved, spread,
+                                  tune_cpu_allocator)
+from foca_bench.records import atomic_write, atomic_write_json, environment
 
-METHODS = ("reuse", "fora", "taylorseer", "foca")
-FOCA5 = {"name": "foca", "N": 5, "warmup": 1}
-PAPER_STEPS = 50
+STEPS = 50
+OURS = ("fora", "taylorseer", "foca")
+# Other projects' implementations at the same schedule, run eagerly (they are Python hooks), where registered.
+# cache-dit's rows (branch cachedit-rows: `method=dbcache` and cache-dit's TaylorSeer) join here with a name, a
+# display name and their full-step rule in `full_steps`.
+PEERS = ("diffusers_taylorseer",)
+NAMES = {"none": "none", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
+         "diffusers_taylorseer": "diffusers TaylorSeerCache"}
 
 
-class TimedEngine(CacheEngine):
-    """The engine, timing each step's model call (CPU wall time) and noting whether it was full."""
+@dataclass(frozen=True)
+class Model:
+    """A benchmarked model: its overrides, batch, probe runs and whether whole generations are timed."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.step_times: list[tuple[float, bool]] = []
+    key: str
+    overrides: tuple[str, ...]
+    batch: int
+    probe_steps: int  # steps of a method's probe run: `probe_n` interval, warmup `probe_warmup`
+    probe_n: int
+    probe_warmup: int
+    none_steps: int  # steps of `none`'s probe run (all full)
+    end_to_end: bool
+    rounds: Optional[int] = None  # timing rounds at least (default `--repeats`)
+
+
+MODELS = {
+    "toy_dit": Model("toy_dit", ("model=toy_dit",), 16, 12, 2, 1, 12, True),
+    # each probe: one full step then three skipped ones (a full step is seconds on a CPU); two rounds at least
+    "dit_xl_2": Model("dit_xl_2", ("model=dit_xl_2", "model.weights=random"), 2, 4, 99, 0, 1, False, 2),
+    "flux_tiny": Model("flux_tiny", ("model=flux", "model.size=tiny"), 2, 12, 2, 1, 12, True),
+}
+
+
+def cache_cfg(name: str, N: int, warmup: int, order: int) -> dict:
+    return {"name": name, "N": N, "warmup": warmup, **({"O": order} if "taylorseer" in name else {})}
+
+
+def is_full(cache: dict, i: int, steps: int) -> bool:
+    """Whether step i is computed: ours by `CacheMethod.is_full`; diffusers' TaylorSeerCache computes i < d and
+    i = d + 1 + kN with d = max(warmup, 1) (tests/test_diffusers_taylorseer.py pins it)."""
+    if cache["name"] == "diffusers_taylorseer":
+        d = max(cache["warmup"], 1)
+        return i < d or (i - d - 1) % cache["N"] == 0
+    return methods.build(cache).is_full(i, steps)
+
+
+def full_steps(cache: dict, steps: int) -> int:
+    return sum(is_full(cache, i, steps) for i in range(steps))
+
+
+class Bench:
+    """One model: its adapter, FLOP counts and timing runs."""
+
+    def __init__(self, model: Model, args: argparse.Namespace) -> None:
+        self.model, self.args = model, args
+        self.cfg = compose(*model.overrides)
+        validate(self.cfg)
+        self.adapter = build_adapter(self.cfg.model, args.device)
+        meta_cfg = compose(*model.overrides, "model.weights=meta")
+        self.meta = build_adapter(meta_cfg.model, "meta")
+        self.warmup = self.cfg.model.warmup
+        classes = max(self.cfg.model.num_classes, 1)
+        self.labels = torch.arange(model.batch) % classes
+        self.noise = self.adapter.make_noise(list(range(model.batch)))
+        self.guidance = self.cfg.sampler.guidance_scale or self.cfg.model.guidance_scale
+        self.device = torch.device(args.device)
+
+    def generate(self, cache: dict, steps: int, backend: Optional[str], on: Any = None,
+                 times: Optional[list] = None) -> None:
+        """One generation; with `times`, each step's model call is appended as (full, seconds), full by the
+        method's schedule (diffusers' hooks skip behind our engine's back)."""
+        adapter = on or self.adapter
+        n = self.model.batch
+        engine = build_engine(methods.build(cache), adapter.sites(), backend, self.args.mode)
+        if times is not None:
+            engine.step = _timed(engine.step, times, self.device, lambda i: is_full(cache, i, steps))
+        with engine:
+            noise = self.noise if on is None else adapter.make_noise(list(range(n)))
+            adapter.generate(engine, self.labels, noise, steps, self.guidance)
+
+    # -- FLOPs -----------------------------------------------------------------------------------------------
+    def flops(self, rows: list[str]) -> dict:
+        full = count_flops(lambda: self.generate({"name": "none"}, 2, None, self.meta)) / 2
+        skip = {}
+        for name in rows:
+            if name in OURS:  # step 0 full, step 1 skipped
+                both = count_flops(lambda: self.generate(cache_cfg(name, 99, 0, self.args.order), 2, None, self.meta))
+                skip[name] = both - full
+        skip.update({p: skip.get("taylorseer", 0.0) for p in rows if p in PEERS})  # the same uncached work
+        return {"full": full, "skipped": skip}
+
+    # -- per-step times ----------------------------------------------------------------------------------------
+    def step_times(self, rows: list[str], backend: Optional[str]) -> dict[str, dict]:
+        """Per method, the median model-call time of its full and skipped steps in each probe run."""
+        m = self.model
+
+        def probe(name: str) -> Callable[[], list]:
+            def run() -> list:
+                times: list = []
+                if name == "none":
+                    self.generate({"name": "none"}, m.none_steps, backend, times=times)
+                else:
+                    cache = cache_cfg(name, m.probe_n, m.probe_warmup, self.args.order)
+                    self.generate(cache, m.probe_steps, backend if name in OURS else None, times=times)
+                return times
+
+            return run
+
+        runs = {name: probe(name) for name in ["none", *rows]}
+        for run in runs.values():  # warm-up (compilation) and a first look
+            run()
+        samples: dict[str, dict[str, list[float]]] = {name: {"full": [], "skipped": []} for name in runs}
+        started, rounds = time.perf_counter(), m.rounds or self.args.repeats
+        while True:
+            done = min(len(s["full"] or s["skipped"]) for s in samples.values())
+            settled = all(spread(v) <= SPREAD for s in samples.values() for v in s.values() if v)
+            if done >= rounds and (settled or time.perf_counter() - started >= self.args.time_cap):
+                break
+            for name, run in runs.items():  # one round: every method once
+                times = run()
+                for kind, full in (("full", True), ("skipped", False)):
+                    mine = [s for f, s in times if f == full]
+                    if mine:
+                        samples[name][kind].append(statistics.median(mine))
+        return samples
+
+    # -- whole generations ------------------------------------------------------------------------------------
+    def end_to_end(self, rows: list[str], backend: Optional[str]) -> dict[str, dict]:
+        N, order = self.args.N, self.args.order
+        fns = {"none": lambda: self.generate({"name": "none"}, STEPS, backend)}
+        for name in rows:
+            on = backend if name in OURS else None
+            fns[name] = lambda name=name, on=on: self.generate(cache_cfg(name, N, self.warmup, order), STEPS, on)
+        return measure_interleaved(fns, self.device, warmup=1, repeats=self.args.repeats,
+                                   time_cap_s=self.args.time_cap)
+
+
+def _timed(step: Callable[..., Any], times: list, device: torch.device,
+           full: Callable[[int], bool]) -> Callable[..., Any]:
+    """`engine.step`, timing the model call inside it as (`full(index)`, seconds)."""
 
     @contextmanager
-    def step(self, index: int, t: float, total: Optional[int] = None) -> Iterator:
-        full_before = self.full_steps
-        start = time.perf_counter()
-        with super().step(index, t, total) as plan:
+    def timed(index: int, t: float, total: Optional[int] = None) -> Iterator[Any]:
+        with step(index, t, total) as plan:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
             yield plan
-        self.step_times.append((time.perf_counter() - start, self.full_steps > full_before))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((full(index), time.perf_counter() - start))
+
+    return timed
+
+
+def speedup(full_s: float, method_full_s: float, skip_s: float, n_full: int) -> float:
+    """STEPS steps of `none` over `n_full` full and STEPS - n_full skipped steps of a method."""
+    return STEPS * full_s / (n_full * method_full_s + (STEPS - n_full) * skip_s)
+
+
+def rows_of(bench: Bench, mode: str, rows: list[str], flops: dict, steps: dict, e2e: Optional[dict]) -> list[dict]:
+    """The table rows of one (model, mode): `none` first, then each method at N."""
+    N, order = bench.args.N, bench.args.order
+    med = {name: {k: statistics.median(v) if v else None for k, v in s.items()} for name, s in steps.items()}
+    full_s = med["none"]["full"]
+    out = [{"model": bench.model.key, "mode": mode, "method": "none", "full_ms": 1e3 * full_s,
+            "full_spread": spread(steps["none"]["full"])}]
+    for name in rows:
+        cache = cache_cfg(name, N, bench.warmup, order)
+        n_full = full_steps(cache, STEPS)
+        skip_s, skip_f = med[name]["skipped"], flops["skipped"][name]
+        flops_up = STEPS * flops["full"] / (n_full * flops["full"] + (STEPS - n_full) * skip_f)
+        row = {"model": bench.model.key, "mode": mode if name in OURS else "eager", "method": name,
+               "schedule": f"N={N}" + (f", O={order}" if "taylorseer" in name else ""), "full_steps": n_full,
+               "full_ms": 1e3 * (med[name]["full"] or full_s), "skip_ms": 1e3 * skip_s,
+               "skip_spread": spread(steps[name]["skipped"]), "skip_time": skip_s / full_s,
+               "skip_flops": skip_f / flops["full"], "flops_speedup": flops_up,
+               "projected": speedup(full_s, med[name]["full"] or full_s, skip_s, n_full)}
+        if e2e is not None:
+            mine, base = e2e[name]["samples_s"], e2e["none"]["samples_s"]
+            row.update(measured=e2e["none"]["median_s"] / e2e[name]["median_s"], measured_samples=mine,
+                       none_samples=base, mark=latency_mark(mine, base, flops_up))
+        out.append(row)
+    return out
+
+
+def _f(value: Optional[float], fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    head = ["Model", "Method", "Schedule", "Mode", "Full step ms", "Skipped step ms (spread)", "Skip/full time",
+            "Skip/full FLOPs", "FLOPs speed-up", "Latency projected (ratio)", "Latency measured (ratio)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["method"] == "none":
+            cells = [r["model"], "none", "—", r["mode"], f"{r['full_ms']:.1f} ({100 * r['full_spread']:.0f}%)"]
+            lines.append("| " + " | ".join(cells + ["—"] * 6) + " |")
+            continue
+        ratio = lambda x: f"{x:.2f}x ({x / r['flops_speedup']:.2f})"  # noqa: E731
+        measured = ratio(r["measured"]) + r["mark"] if "measured" in r else "—"
+        cells = [r["model"], NAMES[r["method"]], r["schedule"], r["mode"], f"{r['full_ms']:.1f}",
+                 f"{r['skip_ms']:.2f} ({100 * r['skip_spread']:.0f}%)", f"{100 * r['skip_time']:.1f}%",
+                 f"{100 * r['skip_flops']:.2f}%", f"{r['flops_speedup']:.2f}x", ratio(r["projected"]), measured]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        f"Speed-up columns: {STEPS} steps at the schedule shown, against `none` in the same mode (peers, eager: "
+        "against eager `none`). Projected: from the step times (model calls only); measured: whole generations "
+        "interleaved with `none`, medians. (ratio) = latency speed-up / FLOPs speed-up.",
+        f"Step times: medians over probe runs interleaved round by round; spread = interquartile range / median of "
+        f"the runs' medians. Marks: † samples spread more than {SPREAD:.0%}; § the paired speed-ups' lower quartile "
+        "exceeds the FLOPs speed-up (an artefact). DiT-XL/2 runs random weights (timing does not depend on their "
+        "values); its whole generations are not timed on a CPU (minutes each): its ratio is projected.",
+    ]
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def targets(rows: list[dict], N: int) -> list[str]:
+    """The issue's target figures, read off the rows (measured where whole generations were timed, else
+    projected): FoCa's latency/FLOPs ratio per model and mode, and our TaylorSeer's latency speed-up over
+    diffusers' TaylorSeerCache's at the same schedule."""
+    def speed(r: dict) -> tuple[float, str]:
+        return (r["measured"], "measured") if "measured" in r else (r["projected"], "projected")
+
+    lines = []
+    by = {(r["model"], r["method"], r["mode"]): r for r in rows}
+    for (model, method, mode), r in by.items():
+        if method == "foca":
+            up, how = speed(r)
+            lines.append(f"FoCa N={N} on {model}, {mode}: latency/FLOPs {up / r['flops_speedup']:.2f} ({how})")
+    for (model, method, mode), r in by.items():
+        peer = by.get((model, "diffusers_taylorseer", "eager"))
+        if method == "taylorseer" and peer is not None:
+            (ours, how), (theirs, _) = speed(r), speed(peer)
+            lines.append(f"TaylorSeer N={N} on {model}: ours {mode} {ours:.2f}x / diffusers' eager {theirs:.2f}x = "
+                         f"{ours / theirs:.2f} ({how})")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy_dit")
-    parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=PAPER_STEPS)
-    parser.add_argument("--default-malloc", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled mode")
+    parser.add_argument("--mode", default=None, help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--N", type=int, default=5, help="interval of the speed-up columns")
+    parser.add_argument("--order", type=int, default=2, help="TaylorSeer's order")
+    parser.add_argument("--repeats", type=int, default=3, help="at least this many rounds of each measurement")
+    parser.add_argument("--time-cap", type=float, default=30.0, help="seconds of timing rounds beyond the minimum")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args()
-    malloc = None if args.default_malloc else tune_cpu_allocator()
-    weights = () if args.model == "toy_dit" else ("model.weights=random",)
-    cfg = compose(f"model={args.model}", *weights)
-    validate(cfg)
-    adapter = build_adapter(cfg.model, "cpu")
-    meta_cfg = compose(f"model={args.model}", "model.weights=meta")
-    meta = build_adapter(meta_cfg.model, "meta")
-    print(f"{args.model}: {torch.get_num_threads()} threads, malloc {malloc or 'glibc defaults'}")
-    for batch in args.batch:
-        bench(adapter, meta, cfg, batch, args.steps, args.repeats)
-
-
-def bench(adapter, meta, cfg, batch: int, T: int, repeats: int) -> None:
-    guidance = cfg.sampler.guidance_scale or cfg.model.guidance_scale
-    classes = max(cfg.model.num_classes, 1)
-
-    def run(cache: dict, on=adapter, n: int = batch) -> list[tuple[float, bool]]:
-        with TimedEngine(methods.build({"warmup": 1, **cache}), on.sites()) as engine:
-            on.generate(engine, torch.arange(n) % classes, on.make_noise(list(range(n))), T, guidance)
-        return engine.step_times
-
-    def step_median(cache: dict, full: bool) -> float:
-        run(cache)  # warm-up
-        times = [s for _ in range(repeats) for s, was_full in run(cache) if was_full == full]
-        return statistics.median(times)
-
-    def flops(cache: dict) -> float:
-        return count_flops(lambda: run(cache, meta, batch))
-
-    # two full steps, the rest skipped: 0 and 1 (warmup 1); FORA, which counts down from the last step: 0 and T-1
-    two_full = lambda name: {"name": name, "N": 10 * T}
-    full_s, full_f = step_median({"name": "none"}, full=True), flops({"name": "none"}) / T
-    skip_s = {m: step_median(two_full(m), full=False) for m in METHODS}
-    skip_f = {m: (flops(two_full(m)) - 2 * full_f) / (T - 2) for m in METHODS}
-    print(f"\nbatch {batch} (CFG batch {2 * batch if guidance > 1 else batch}), {T} steps")
-    print(f"full step:              {1e3 * full_s:8.2f} ms  {full_f / 1e9:9.3f} GFLOP")
-    for m in METHODS:
-        print(f"skipped step, {m:10s}{1e3 * skip_s[m]:8.2f} ms  {skip_f[m] / 1e9:9.3f} GFLOP  "
-              f"({100 * skip_s[m] / full_s:4.1f}% of a full step's time, {100 * skip_f[m] / full_f:4.1f}% of its FLOPs)")
-
-    n_full = schedule_full_steps(methods.build(FOCA5).cfg, PAPER_STEPS)
-    n_skip = PAPER_STEPS - n_full
-    speedup = lambda full, skip: PAPER_STEPS * full / (n_full * full + n_skip * skip)
-    flops_speedup = speedup(full_f, skip_f["foca"])
-    projected = speedup(full_s, skip_s["foca"])
-    free_forecast = speedup(full_s, skip_s["fora"])
-    print(f"FoCa N=5 over {PAPER_STEPS} steps ({n_full} full): FLOPs speed-up {flops_speedup:.2f}x; latency speed-up "
-          f"projected {projected:.2f}x (ratio {projected / flops_speedup:.2f}); with a cost-free forecast (FORA's "
-          f"skipped step) {free_forecast:.2f}x (ratio {free_forecast / flops_speedup:.2f})")
-    if T != PAPER_STEPS:
-        return
-    none_t, foca_t = [], []
-    for _ in range(repeats):  # whole generations, interleaved, as the runner measures them
-        none_t.append(time_once(lambda: run({"name": "none"}), torch.device("cpu")))
-        foca_t.append(time_once(lambda: run(FOCA5), torch.device("cpu")))
-    measured = statistics.median(none_t) / statistics.median(foca_t)
-    print(f"FoCa N=5 end to end, interleaved with none: latency speed-up {measured:.2f}x "
-          f"(ratio {measured / flops_speedup:.2f})")
+    malloc = tune_cpu_allocator() if args.device == "cpu" else None
+    started, load = time.perf_counter(), os.getloadavg()
+    print(f"<bench> {torch.get_num_threads()} threads, load average {load[0]:.1f}, malloc {malloc or 'default'}")
+    rows, record = [], {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(),
+                        "threads": torch.get_num_threads(), "malloc": malloc, "load_before": load, "models": {}}
+    for key in args.models:
+        bench = Bench(MODELS[key], args)
+        peers = [p for p in PEERS if p in methods.METHODS]
+        flops = bench.flops([*OURS, *peers])
+        record["models"][key] = {"flops": flops, "batch": bench.model.batch, "modes": {}}
+        for mode in args.modes:
+            backend = args.backend if mode == "compiled" else None
+            listed = [*OURS, *(peers if mode == "eager" else [])]
+            print(f"<bench> {key} {mode}: per-step probes", flush=True)
+            steps = bench.step_times(listed, backend)
+            e2e = None
+            if bench.model.end_to_end:
+                print(f"<bench> {key} {mode}: whole generations", flush=True)
+                e2e = bench.end_to_end(listed, backend)
+            rows += rows_of(bench, mode, listed, flops, steps, e2e)
+            record["models"][key]["modes"][mode] = {"steps": steps, "end_to_end": e2e}
+    record.update(rows=rows, load_after=os.getloadavg(), seconds=time.perf_counter() - started)
+    text = table(rows, args) + "\n" + "\n".join(targets(rows, args.N)) + "\n"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.out / f"bench_{stamp}.json"
+    atomic_write_json(path, record)
+    atomic_write(path.with_suffix(".md"), lambda tmp: tmp.write_text(text))
+    print(text)
+    print(f"<bench> {record['seconds']:.0f} s, load average {load[0]:.1f} -> {record['load_after'][0]:.1f}; "
+          f"record {path}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,13 @@ class ModelConfig:
             runs on a CPU in seconds.
         tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`); they win over
             command-line overrides of the same keys, so change a tiny value as `model.tiny.<key>=...`.
-        compile: a `torch.compile` backend (`inductor`) for the attention, MLP and fused modules of the cache
-            sites (`hooks.compile_sites`: the caching logic stays eager, nothing recompiles per step); null: eager.
+        compile: a `torch.compile` backend (`inductor`; `aot_eager` captures without code generation); null:
+            eager. Methods whose forecasts are linear combinations (FORA, TaylorSeer, FoCa) and `none` run every
+            step as one compiled graph of the whole model, a skipped step's forecasts fused into its gates and
+            residual adds (`foca_bench/fused.py`); the others get their sites' modules compiled regionally
+            (`hooks.compile_sites`). Nothing recompiles per step or per generation.
+        compile_mode: torch.compile's `mode` with `compile=inductor`: null (default), `reduce-overhead` (CUDA
+            graphs of the compiled steps), `max-autotune`, `max-autotune-no-cudagraphs`.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
             pooled embeddings) once per generation instead of once per block and step; same FLOPs, less per-step
             overhead for full and skipped steps alike, values equal up to float32 rounding (the batched matmul
@@ -64,6 +69,7 @@ class ModelConfig:
     size: str = "full"
     tiny: Dict[str, Any] = field(default_factory=dict)
     compile: Optional[str] = None
+    compile_mode: Optional[str] = None
 
 
 @dataclass
@@ -437,6 +443,9 @@ def validate(cfg: DictConfig) -> CacheConfig:
         raise ValueError(f"sampler.steps={cfg.sampler.steps} must be >= 1.")
     if cfg.model.weights not in ("pretrained", "random", "meta"):
         raise ValueError(f"model.weights={cfg.model.weights!r}: choose pretrained, random or meta.")
+    if cfg.model.get("compile_mode") is not None and cfg.model.compile != "inductor":
+        raise ValueError(f"model.compile_mode={cfg.model.compile_mode} needs model.compile=inductor (it is "
+                         f"{cfg.model.compile}): torch.compile's modes are inductor's.")
     order = getattr(cache, "O", None)
     if order is not None and not method_cls.schedule_free:
         engine_steps = adapter_cls.engine_steps(cfg.sampler.steps) if adapter_cls else cfg.sampler.steps

@@ -471,7 +471,7 @@ class CacheEngine:
         return out
 
 
-def compile_sites(sites: list[Site], backend: str = "inductor") -> int:
+def compile_sites(sites: list[Site], backend: str = "inductor", mode: Optional[str] = None) -> int:
     """Compiles the computation of every site and feeder module with `torch.compile` (regional compilation), so
     the caching logic around it stays in eager Python: the engine's wrappers decide per step whether to call the
     compiled forward, and no step's decision, index or time reaches a graph, so nothing recompiles from step to
@@ -482,6 +482,7 @@ def compile_sites(sites: list[Site], backend: str = "inductor") -> int:
             whatever the method (a block or the whole model would capture the hooks of the sites inside them; the
             block-skipping methods run the same compiled modules within their blocks).
         backend: `torch.compile` backend (`inductor`; `aot_eager` compiles without code generation).
+        mode: `torch.compile` mode (inductor only; `foca_bench.fused.regional_mode` keeps CUDA graphs out).
 
     Returns:
         How many modules were compiled now.
@@ -501,7 +502,7 @@ def compile_sites(sites: list[Site], backend: str = "inductor") -> int:
             if getattr(current, "foca_compiled", False):
                 continue
             raise RuntimeError("compile_sites runs before any engine hooks the model.")
-        compiled = torch.compile(module.forward, backend=backend)
+        compiled = torch.compile(module.forward, backend=backend, mode=mode)
         compiled.foca_compiled = True
         module.forward = compiled
         count += 1

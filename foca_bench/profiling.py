@@ -3,15 +3,17 @@
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the whole denoising loop, full and skipped steps alike
 (the decoder is excluded, as in the paper's tables). CPU scaled-dot-product attention is counted through a
 registered formula where the installed torch does not count it. Latency: median wall time over repeats after a
-warm-up, with CUDA events and synchronisation on a GPU. Speed-ups are always against `method=none` under the
-same config in the same run: latency interleaved with the baseline (see `runner.profile`).
+warm-up, with CUDA events and synchronisation on a GPU, repeated until the samples agree (`SPREAD`) or a time cap
+passes; every sample is kept, and `latency_mark` marks a cell whose samples still spread, or whose speed-up beats
+its FLOPs speed-up beyond the noise. Speed-ups are always against `method=none` under the same config in the
+same run: latency interleaved with the baseline (see `runner.profile`).
 """
 
 import ctypes
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
@@ -64,8 +66,9 @@ def tune_cpu_allocator() -> Optional[dict]:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """Total FLOPs of `fn()` (matmuls, convolutions and attention; elementwise ops are not counted)."""
-    with FlopCounterMode(display=False) as counter:
+    """Total FLOPs of `fn()` (matmuls, convolutions and attention; elementwise ops are not counted), run eagerly:
+    compiled code (`model.compile`) would hide its kernels from the counter."""
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -85,29 +88,90 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+# A latency measurement repeats until its samples spread (interquartile range / median) at most SPREAD, or
+# TIME_CAP_S has passed since its first timed run; a table marks what is still wider (`latency_mark`).
+SPREAD = 0.05
+TIME_CAP_S = 30.0
+NOISY, BEYOND_FLOPS = "†", "§"  # `latency_mark`'s marks; README.md says what they mean
+
+
+def spread(samples: Sequence[float]) -> float:
+    """Interquartile range / median of timings (0 for one sample): the noise of a median, which one load spike
+    among several samples does not dominate (for 3 samples it is half of (max - min) / median)."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(samples)
+
+
 def _stats(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times),
+            "spread": spread(times), "samples_s": list(times)}
 
 
-def measure_latency(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3) -> dict:
-    """Median and spread of `fn()`'s wall time, after `warmup` untimed runs."""
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1, repeats: int = 3,
+                        max_spread: float = SPREAD, time_cap_s: float = TIME_CAP_S) -> dict[str, dict]:
+    """Wall times of several functions in rounds (A, B, C, A, B, C, ...), so machine drift cancels in their ratios:
+    at least `repeats` rounds, then more until every function's samples spread at most `max_spread` or
+    `time_cap_s` has passed since the first timed round; `warmup` untimed rounds first. Every sample is kept.
+
+    Returns:
+        Per name, {"median_s", "min_s", "max_s", "repeats", "spread", "samples_s"}: the i-th samples of all
+        functions come from round i (pairs for `latency_mark`).
+    """
     for _ in range(warmup):
-        fn()
-    return _stats([time_once(fn, device) for _ in range(repeats)])
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    started = time.perf_counter()
+    while True:
+        counted = len(next(iter(times.values())))
+        if counted >= repeats and (all(spread(t) <= max_spread for t in times.values())
+                                   or time.perf_counter() - started >= time_cap_s):
+            break
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
+    return {name: _stats(t) for name, t in times.items()}
+
+
+def measure_latency(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3,
+                    max_spread: float = SPREAD, time_cap_s: float = TIME_CAP_S) -> dict:
+    """Median and spread of `fn()`'s wall time (`measure_interleaved` of one function)."""
+    return measure_interleaved({"fn": fn}, device, warmup, repeats, max_spread, time_cap_s)["fn"]
 
 
 def measure_latency_pair(fn: Callable[[], object], baseline: Callable[[], object], device: torch.device,
-                         warmup: int = 1, repeats: int = 3) -> tuple[dict, dict]:
-    """Latency of `fn` and of `baseline`, interleaved (B, A, B, A, ...) so machine drift cancels in the ratio.
+                         warmup: int = 1, repeats: int = 3, max_spread: float = SPREAD,
+                         time_cap_s: float = TIME_CAP_S) -> tuple[dict, dict]:
+    """Latency of `fn` and of `baseline`, interleaved (B, A, B, A, ...; `measure_interleaved`).
 
     Returns:
-        (stats of fn, stats of baseline), each {"median_s", "min_s", "max_s", "repeats"}.
+        (stats of fn, stats of baseline); the i-th samples of the two form a pair.
     """
-    for _ in range(warmup):
-        baseline()
-        fn()
-    mine, base = [], []
-    for _ in range(repeats):
-        base.append(time_once(baseline, device))
-        mine.append(time_once(fn, device))
-    return _stats(mine), _stats(base)
+    stats = measure_interleaved({"baseline": baseline, "fn": fn}, device, warmup, repeats, max_spread, time_cap_s)
+    return stats["fn"], stats["baseline"]
+
+
+def latency_mark(mine_s: Sequence[float], base_s: Sequence[float], flops_speedup: Optional[float] = None,
+                 max_spread: float = SPREAD) -> str:
+    """The mark a latency cell gets from its samples (pure: timings in, mark out; every table builder calls it).
+
+    Args:
+        mine_s: the row's timings; base_s: the baseline's, paired with them (interleaved), or the same list for the
+            baseline row itself.
+        flops_speedup: the row's FLOPs speed-up over the same baseline, if known.
+        max_spread: the largest `spread` (interquartile range / median) a cell's samples may have.
+
+    Returns:
+        `NOISY` (†) when either side's samples spread more than `max_spread` (`spread`), plus `BEYOND_FLOPS` (§)
+        when the lower quartile of the paired latency speed-ups (baseline_i / row_i) exceeds the FLOPs speed-up:
+        a speed-up beyond what the work removed, and beyond the noise, which a measurement artefact (load, a cold
+        baseline) explains; '' else.
+    """
+    mark = NOISY if max(spread(mine_s), spread(base_s)) > max_spread else ""
+    if flops_speedup is not None and len(mine_s) == len(base_s) and mine_s:
+        paired = [b / m for b, m in zip(base_s, mine_s)]
+        low = statistics.quantiles(paired, n=4, method="inclusive")[0] if len(paired) > 1 else paired[0]
+        if low > flops_speedup:
+            mark += BEYOND_FLOPS
+    return mark

@@ -25,7 +25,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.adapters.base import Adapter
 from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import LOCAL_BENCHMARK_KEYS, validate
-from foca_bench.hooks import CacheEngine
+from foca_bench.fused import build_engine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
 from foca_bench.records import atomic_write, atomic_write_json, claim, environment, record_path, run_id
 from foca_bench.samples import IncompleteSamples, SampleStore, batches, shard_from_env
@@ -55,10 +55,8 @@ def get_adapter(model_cfg: DictConfig, device: str) -> Adapter:
         log.info(f"Instantiating adapter <{model_cfg.name}> ({model_cfg.weights} weights) on {device}")
         adapter = build_adapter(model_cfg, device)
         if model_cfg.get("compile") and model_cfg.weights != "meta":
-            from foca_bench.hooks import compile_sites
-
-            log.info(f"Compiling {compile_sites(adapter.sites(), model_cfg.compile)} site modules of "
-                     f"<{model_cfg.name}> with torch.compile(backend={model_cfg.compile})")
+            log.info(f"<{model_cfg.name}> runs compiled: torch.compile(backend={model_cfg.compile}, "
+                     f"mode={model_cfg.get('compile_mode')}), per step or per site module (foca_bench/fused.py)")
         _ADAPTERS[key] = adapter
     return _ADAPTERS[key]
 
@@ -80,7 +78,9 @@ def generate_batches(adapter: Adapter, cache: CacheConfig, cfg: DictConfig, labe
     cuda = measure_cache and adapter.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(adapter.device)
-    with CacheEngine(method, adapter.sites(), trace=trace, measure_cache=measure_cache) as engine:
+    backend = cfg.model.get("compile") if adapter.device.type != "meta" else None
+    with build_engine(method, adapter.sites(), backend, cfg.model.get("compile_mode"), trace=trace,
+                      measure_cache=measure_cache) as engine:
         for batch in tqdm(grid, desc=desc, disable=desc is None, unit="batch"):
             noise = adapter.make_noise([seeds[i] for i in batch])
             latents = adapter.generate(engine, labels[batch.start : batch.stop], noise, cfg.sampler.steps,
@@ -207,8 +207,9 @@ def identity(cfg: DictConfig, cache: CacheConfig) -> dict:
     for key, value in type(cache).omit_from_identity.items():  # e.g. FoCa's reading=ours: ids from before it stay
         if config["cache"].get(key, "unset") == value:
             config["cache"].pop(key)
-    if config["model"].get("compile", "unset") is None:  # eager, the default: likewise
-        config["model"].pop("compile")
+    for key in ("compile", "compile_mode"):
+        if config["model"].get(key, "unset") is None:  # eager, the default: likewise
+            config["model"].pop(key)
     config["model"].pop("tiny", None)  # its values are merged into the model's keys when size=tiny, unused else
     if config["model"].get("size") == "full":
         config["model"].pop("size")

@@ -21,6 +21,7 @@ import yaml
 import methods
 from foca_bench import REPO_DIR
 from foca_bench.config import model_method_defaults
+from foca_bench.profiling import BEYOND_FLOPS, NOISY, SPREAD, latency_mark
 from foca_bench.records import group_records
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
@@ -54,6 +55,11 @@ METRIC_NAMES = {"fid": "FID", "is": "IS", "class_acc": "Acc", "psnr": "PSNR", "s
                 "image_reward": "ImageReward", "clip_score": "CLIP", "vbench": "VBench(%)"}
 METRIC_DIGITS = {"rel_l2": 4, "ssim": 4, "image_reward": 4}
 HIGHER_IS_BETTER = {"fid": False, "rel_l2": False}  # paper-only metrics default to ↑
+LATENCY = ("latency_s", "latency_speedup")  # the cells `mark` marks
+MARKS_NOTE = (f"{NOISY}: its latency samples spread more than {SPREAD:.0%} (interquartile range / median) after "
+              f"repeats up to the time cap; {BEYOND_FLOPS}: even the lower quartile of its paired latency speed-ups "
+              "exceeds the FLOPs speed-up, which less work cannot explain: a measurement artefact (README, 'Latency "
+              "you can trust').")
 
 
 @dataclass
@@ -118,6 +124,21 @@ def values(record: dict) -> dict[str, Optional[float]]:
     return out
 
 
+def mark(record: dict) -> str:
+    """The latency cells' mark of a record (`profiling.latency_mark` on its samples); '' for records without."""
+    p = record.get("profile", {})
+    lat = p.get("latency_detail") or {}
+    mine, base = lat.get("samples_s"), (lat.get("none") or {}).get("samples_s")
+    return latency_mark(mine, base, p.get("flops_speedup")) if mine and base else ""
+
+
+def _cells(keys: list[str], cols: list[tuple[str, int, str]], v: dict, rec: Optional[dict]) -> list[str]:
+    """Formatted cells of `keys`, the latency cells carrying the record's marks (statistical, then `LATENCY_MARK`)."""
+    m = mark(rec) if rec else ""
+    return [_marked(rec, k, _fmt(v.get(k), d, s) + (m if k in LATENCY and v.get(k) is not None else ""))
+            for k, (_, d, s) in zip(keys, cols)]
+
+
 def _fmt(value: Optional[float], digits: int = 3, suffix: str = "") -> str:
     if value is None:
         return "—"
@@ -169,10 +190,9 @@ def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:
 
     out = []
     for name, (_, rec) in sorted(rows.items(), key=order):
-        v = values(rec)
-        cells = [_marked(rec, k, _fmt(v.get(k), d, s)) for k, (_, d, s) in zip(keys, cols)]
+        cells = _cells(keys, cols, values(rec), rec)
         out.append([name, *cells[:4], _full_steps(rec), *cells[4:], f"`{rec['run_id']}`"])
-    return Table(title, header, out, _latency_notes([r for _, r in rows.values()]))
+    return Table(title, header, out, ([MARKS_NOTE] if any(mark(r) for r in recs) else []) + _latency_notes(recs))
 
 
 def _marked(record: Optional[dict], key: str, cell: str) -> str:
@@ -240,9 +260,8 @@ def build_paper_table(paper: dict, records: list[tuple[Path, dict]], title: str 
     def row_cells(rec: Optional[dict], paper_values: dict) -> list[str]:
         v = values(rec) if rec else {}
         cells = []
-        for k in keys:
+        for k, ours in zip(keys, _cells(keys, [cols[k] for k in keys], v, rec)):
             _, digits, suffix = cols[k]
-            ours = _marked(rec, k, _fmt(v.get(k), digits, suffix))
             if k in paper["columns"]:
                 ours += _difference(v.get(k), paper_values.get(k), relative=k in COLUMNS)
                 cells += [ours, _fmt(paper_values.get(k), digits, suffix)]
@@ -264,6 +283,8 @@ def build_paper_table(paper: dict, records: list[tuple[Path, dict]], title: str 
              "relative for cost columns, absolute for quality."]
     if paper.get("note"):
         notes.append(paper["note"])
+    if any(mark(r) for r in recs):
+        notes.append(MARKS_NOTE)
     return Table(title, header, out, notes + _latency_notes(recs))
 
 
@@ -274,7 +295,8 @@ def to_markdown(table: Table) -> str:
 
 
 _LATEX = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "↑": r"$\uparrow$", "↓": r"$\downarrow$",
-          "×": r"$\times$", "Δ": r"$\Delta$", "—": "--", "α": r"$\alpha$", "∞": r"$\infty$", "`": "", "→": r"$\to$"}
+          "×": r"$\times$", "Δ": r"$\Delta$", "—": "--", "α": r"$\alpha$", "∞": r"$\infty$", "`": "", "→": r"$\to$",
+          "†": r"$\dagger$", "§": r"\S"}
 
 
 def _tex(text: str) -> str:

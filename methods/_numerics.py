@@ -1,4 +1,5 @@
-"""Shared numerics of the forecasting methods: divided differences, Taylor sums, BDF2 and Heun combinations.
+"""Shared numerics of the forecasting methods: divided differences, Taylor weights, BDF2 and Heun combinations,
+and the eager evaluation of a forecast's linear combination (`combine`).
 
 TaylorSeer (arXiv:2503.06923) and FoCa (arXiv:2508.16211) both build on these; each function is a closed form
 that the tests check on polynomials and exponentials.
@@ -39,14 +40,9 @@ def taylor_factors(feature: Tensor, previous: Sequence[Optional[Tensor]], dt: fl
     return factors
 
 
-def taylor_eval(factors: Sequence[Tensor], distance: float) -> Tensor:
-    """Truncated Taylor sum: sum_k factors[k] / k! * distance**k (one fused kernel per order)."""
-    if len(factors) == 1:
-        return factors[0]
-    out = torch.add(factors[0], factors[1], alpha=distance)
-    for k in range(2, len(factors)):
-        out.add_(factors[k], alpha=distance**k / math.factorial(k))
-    return out
+def taylor_weights(count: int, distance: float) -> tuple[float, ...]:
+    """The truncated Taylor sum's weights on `count` factors: distance**k / k!, k = 0..count-1."""
+    return tuple(distance**k / math.factorial(k) for k in range(count))
 
 
 def bdf2_predict(current: Tensor, previous: Tensor, slope: Tensor, h: float, w: float) -> Tensor:
@@ -88,20 +84,29 @@ def cachedit_gain(elapsed: int, horizon: int = 3) -> float:
     return elapsed / 2.0 if elapsed <= horizon else horizon / elapsed * (horizon / 2.0)
 
 
-def anchored_extrapolate(anchor: Tensor, anchor_step: Tensor, current: Tensor, previous: Tensor, gain: float,
-                         out: Optional[Tensor] = None) -> Tensor:
-    """anchor + gain (anchor_step + current - previous), in three kernels; `out` may be `previous`'s buffer."""
-    out = torch.sub(current, previous, out=out)
-    out.add_(anchor_step)
-    return torch.add(anchor, out, alpha=gain, out=out)
+def combine(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_j weights[j] * tensors[j], eagerly, in as few kernels as the weights allow (zero weights skipped).
 
-
-def extrapolate(current: Tensor, previous: Tensor, k1: float, extra: Optional[Tensor] = None,
-                k2: float = 0.0, out: Optional[Tensor] = None) -> Tensor:
-    """current + k1 (current - previous) + k2 extra, in two kernels (lerp, add_)."""
-    out = torch.lerp(current, previous, -k1, out=out)
-    if extra is not None and k2 != 0.0:
-        out.add_(extra, alpha=k2)
+    A lone unit weight returns its tensor itself; a leading unit weight starts with `add(alpha=)`; an affine pair
+    (w0 + w1 = 1, as every extrapolation through two points is) with `lerp`, so FoCa's steady state costs the two
+    kernels of its fused predictor-corrector. The engine's compiled skipped step evaluates the same sum in-graph.
+    """
+    terms = [(t, float(w)) for t, w in zip(tensors, weights, strict=True) if w != 0.0]
+    if not terms:
+        return torch.zeros_like(tensors[0])
+    (t0, w0), rest = terms[0], terms[1:]
+    if w0 == 1.0:
+        if not rest:
+            return t0
+        (t1, w1), rest = rest[0], rest[1:]
+        out = torch.add(t0, t1, alpha=w1)
+    elif rest and abs(w0 + rest[0][1] - 1.0) <= 1e-12:
+        (t1, w1), rest = rest[0], rest[1:]
+        out = torch.lerp(t0, t1, w1)  # (1 - w1) t0 + w1 t1
+    else:
+        out = torch.mul(t0, w0)
+    for t, w in rest:
+        out.add_(t, alpha=w)
     return out
 
 

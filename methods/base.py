@@ -5,7 +5,9 @@ methods say *how*). Four verbs: `plan(step)`, `update(key, step, features)`, `fo
 token-wise methods (ToCa, DuCa) add `select(key, step, tokens)` and `update_tokens(key, step, indices, features)`
 for partial steps; delta methods (Chipmunk) add `attend(key, step, tokens, q, k, v, mask)` and
 `feed_forward(key, step, tokens, x, ffn)`, which compute a site's attention core or MLP themselves from
-tensors and the column-restricted projections the engine hands them (`FeedForward`).
+tensors and the column-restricted projections the engine hands them (`FeedForward`). A method whose forecast is a linear combination of
+tensors it holds (FORA, TaylorSeer, FoCa) states it as `forecast_terms(key, step)` instead of `forecast`: the same
+numbers eagerly, and the engine can fuse a whole skipped step into one compiled graph (`foca_bench/fused.py`).
 `resolve` is the one function that turns a plan into the value a site uses; both the runtime hook
 (`foca_bench/hooks.py`) and `methods.replay` call it, so offline analysis drives exactly the live code path.
 """
@@ -16,6 +18,8 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from methods._numerics import combine
 
 
 class SiteKey(NamedTuple):
@@ -132,6 +136,13 @@ class SiteInfo(NamedTuple):
     layer: tuple[int, int] = (0, 1)
 
 
+class Terms(NamedTuple):
+    """A forecast as a linear combination: sum_j weights[j] * tensors[j] (`CacheMethod.forecast_terms`)."""
+
+    tensors: tuple[Tensor, ...]
+    weights: tuple[float, ...]
+
+
 @dataclass
 class CacheConfig:
     """Fields every method accepts (`cache.*`).
@@ -193,6 +204,7 @@ class CacheMethod(ABC):
     delta: ClassVar[bool] = False  # computes attention cores and MLPs at DELTA steps (`attend`, `feed_forward`)
     external: ClassVar[bool] = False  # run by diffusers' or cache-dit's hooks (foca_bench.external), not our engine
     uncond_first: ClassVar[bool] = False  # batched CFG as [uncond; cond] (FasterCache), not [cond; uncond]
+    fusable: ClassVar[bool] = False  # forecasts by `forecast_terms`: the engine may fuse a skipped step (model.compile)
     # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model
@@ -241,13 +253,26 @@ class CacheMethod(ABC):
     def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
         """Receives a freshly computed feature of `key` at a full step."""
 
-    @abstractmethod
     def forecast(self, key: SiteKey, step: Step) -> Tensor:
-        """Returns the value `key` takes at a step that is not computed.
+        """Returns the value `key` takes at a step that is not computed (by default, `forecast_terms` evaluated).
 
         The tensor is valid until the method's next step of `key` (a method may reuse its buffer); a caller
         that keeps it longer copies it.
         """
+        return combine(*self.forecast_terms(key, step))
+
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
+        """The forecast of `key` at `step` as a linear combination of tensors the method holds, advancing its
+        state as `forecast` would (methods with `fusable = True`).
+
+        The engine's fused skipped step (`foca_bench/fused.py`) evaluates every site's combination inside one
+        compiled graph, where it fuses into the gates and residual adds that consume it: no forecast is written.
+        So that one graph serves every skipped step, a method returns the same number of tensors at every call
+        for a site (padding with zero tensors it holds, at weight 0), no tensor twice (aliased inputs compile
+        another graph), and none it will later modify in place. Weights are plain floats: they enter the graph as
+        a tensor, never as constants.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither forecast nor forecast_terms")
 
     @abstractmethod
     def reset(self) -> None:

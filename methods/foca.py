@@ -26,11 +26,12 @@ it, D = F_b - F_a NOT divided by the spacing, and d = F_i - F_{i-1} (trajectory 
 models/qwen_image/taylor_utils/__init__.py:97-136): from the last two full steps only, whatever the distance,
     F^ = (4 F_b - F_a) / 3,   F_{i+1} = (F_b + F^) / 2 = F_b + (F_b - F_a) / 6   (`corrector=none`: F^).
 
-`ours` is evaluated in the fused form `_numerics.foca_weights` derives (two kernels per site); tests check it
-against `bdf2_predict`/`heun_correct`. Memory: at most four tensors per site (F_{i-1}, F_i, F_b, D); right after
-a full step F_b is F_i. A forecast is written into the buffer of the forecast two steps back once nothing else
-references it, so a run of skipped steps allocates nothing: a returned forecast is valid until the site's next
-step (the `CacheMethod.forecast` contract; the engine's trace and `replay` copy what they keep).
+Every reading's forecast is linear in the trajectory points and D (`ours`: F_i + k1 (F_i - F_{i-1}) + k2 D_full,
+`_numerics.foca_weights`), so every point since the last full step b lies in the span of three anchors: F_b, P (the
+point before b) and D. A point is kept as its three weights, a forecast is those weights applied (`forecast_terms`:
+the engine can fuse it into a compiled skipped step), and a skipped step writes no tensor; the next full step
+materializes the last point as its P. Memory: three tensors per site (F_b, P, D). Tests check `ours` against
+`bdf2_predict`/`heun_correct` and the other readings against their sources' formulas (tests/test_foca_readings.py).
 """
 
 from dataclasses import dataclass
@@ -40,11 +41,13 @@ import torch
 from torch import Tensor
 
 from methods import register
-from methods._numerics import anchored_extrapolate, cachedit_gain, divided_difference, extrapolate, foca_weights
-from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+from methods._numerics import cachedit_gain, combine, divided_difference, foca_weights
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step, Terms
 
 READINGS = ("ours", "cachedit", "lab")
 LAB_WEIGHT = {"heun": 1.0 / 6.0, "none": 1.0 / 3.0}  # F_b + k (F_b - F_a): (7 F_b - F_a)/6, (4 F_b - F_a)/3
+Weights = tuple[float, float, float]  # a trajectory point over the anchors (F_b, P, D)
+AT_FULL, AT_P, D_ONLY = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -88,26 +91,34 @@ class FoCaConfig(CacheConfig):
 
 @dataclass
 class _SiteState:
-    current: Tensor  # F_i
-    t_current: float
     full: Tensor  # F_b, the last fully computed value
     t_full: float
     i_full: int  # b, the step index of F_b
-    previous: Optional[Tensor] = None  # F_{i-1}
-    t_previous: float = 0.0
+    before: Optional[Tensor] = None  # P, the trajectory point before b (None after the first full step)
     d_full: Optional[Tensor] = None  # D (divided by t_b - t_a for `ours`); None while only one full step exists
-    current_is_ours: bool = False  # F_i is a forecast buffer only this state references
-    spare: Optional[Tensor] = None  # F_{i-1} when it is ours: overwritten by the next forecast
+    current: Weights = AT_FULL  # F_i over the anchors
+    t_current: float = 0.0
+    previous: Optional[Weights] = None  # F_{i-1} over the anchors; None while F_i is the only point
+    t_previous: float = 0.0
+    zeros: tuple[Tensor, ...] = ()  # stand-ins for missing anchors, until the next full step
 
-    def push(self, value: Tensor, t: float, ours: bool = False) -> None:
-        self.spare = self.current if self.current_is_ours else None
+    def anchors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(F_b, P, D), a missing anchor standing in as zeros (its weight is 0): distinct tensors, since aliased
+        inputs would make the engine compile a second graph."""
+        if (self.before is None or self.d_full is None) and not self.zeros:
+            self.zeros = (torch.zeros_like(self.full), torch.zeros_like(self.full))
+        before = self.zeros[0] if self.before is None else self.before
+        return self.full, before, self.zeros[1] if self.d_full is None else self.d_full
+
+    def push(self, point: Weights, t: float) -> None:
         self.previous, self.t_previous = self.current, self.t_current
-        self.current, self.t_current, self.current_is_ours = value, t, ours
+        self.current, self.t_current = point, t
 
 
 @register("foca")
 class FoCa(CacheMethod):
     config_class = FoCaConfig
+    fusable = True
 
     def reset(self) -> None:
         self.state: dict[SiteKey, _SiteState] = {}
@@ -116,31 +127,32 @@ class FoCa(CacheMethod):
         t = self.time(step)
         s = self.state.get(key)
         if s is None:
-            self.state[key] = _SiteState(current=features, t_current=t, full=features, t_full=t, i_full=step.index)
+            self.state[key] = _SiteState(full=features, t_full=t, i_full=step.index, t_current=t)
             return
         # `ours` divides by the spacing of the two full steps; cache-dit and the lab's code do not
         ours = self.cfg.reading == "ours"
-        s.d_full = divided_difference(features, s.full, t - s.t_full) if ours else features - s.full
-        s.full, s.t_full, s.i_full = features, t, step.index
-        s.push(features, t)
+        d_full = divided_difference(features, s.full, t - s.t_full) if ours else features - s.full
+        before = s.full if s.current == AT_FULL else combine(s.anchors(), s.current)  # F_i becomes F_{i-1}
+        self.state[key] = _SiteState(full=features, t_full=t, i_full=step.index, before=before, d_full=d_full,
+                                     t_current=t, previous=AT_P, t_previous=s.t_current)
 
-    def forecast(self, key: SiteKey, step: Step) -> Tensor:
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
         s = self.state[key]
         t = self.time(step)
         if s.d_full is None:
             # one full step so far: reuse F_b. (For `ours` this equals its BDF2-Heun step, whose every point is
             # then F_b; cache-dit does not advance its window here, which gives the same window at the next full
             # step, since every point pushed is F_b.)
-            value = s.full
+            point = AT_FULL
         elif self.cfg.reading == "ours":
-            # bdf2_predict + heun_correct, fused into F_i + k1 (F_i - F_{i-1}) + k2 D_full (2 kernels)
+            # bdf2_predict + heun_correct, fused: F_i + k1 (F_i - F_{i-1}) + k2 D_full, on the anchors' weights
             k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
-            # written into F_{i-1}'s buffer when it is a forecast of ours (no allocation, no page faults)
-            value = extrapolate(s.current, s.previous, k1, s.d_full, k2, out=s.spare)
+            point = tuple(c + k1 * (c - p) + k2 * d for c, p, d in zip(s.current, s.previous, D_ONLY))
         elif self.cfg.reading == "cachedit":
+            # F_b + g(e) (D + F_i - F_{i-1})
             gain = cachedit_gain(step.index - s.i_full)
-            value = anchored_extrapolate(s.full, s.d_full, s.current, s.previous, gain, out=s.spare)
-        else:  # lab
-            value = torch.add(s.full, s.d_full, alpha=LAB_WEIGHT[self.cfg.corrector], out=s.spare)
-        s.push(value, t, ours=value is not s.full)
-        return value
+            point = tuple(b + gain * (d + c - p) for b, d, c, p in zip(AT_FULL, D_ONLY, s.current, s.previous))
+        else:  # lab: F_b + k D
+            point = tuple(b + LAB_WEIGHT[self.cfg.corrector] * d for b, d in zip(AT_FULL, D_ONLY))
+        s.push(point, t)
+        return Terms(s.anchors(), point)

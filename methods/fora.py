@@ -19,7 +19,7 @@ from typing import Optional
 from torch import Tensor
 
 from methods import register
-from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step, Terms
 
 ANCHORS = ("last", "first")
 
@@ -53,6 +53,7 @@ def anchored_at_last(index: int, total: Optional[int], N: int, warmup: int) -> b
 @register("fora")
 class FORA(CacheMethod):
     config_class = FORAConfig
+    fusable = True
 
     def is_full(self, index: int, total: Optional[int] = None) -> bool:
         if self.cfg.anchor == "first":
@@ -65,5 +66,5 @@ class FORA(CacheMethod):
     def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
         self.last[key] = features
 
-    def forecast(self, key: SiteKey, step: Step) -> Tensor:
-        return self.last[key]
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
+        return Terms((self.last[key],), (1.0,))

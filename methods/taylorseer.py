@@ -7,17 +7,19 @@ distance d from the last full step. Difference factors are formed only at full s
 (`cache.first_enhance`, per model: 2 on DiT, 3 on FLUX, 1 on HunyuanVideo), so on FLUX the factors start at the
 third full step and the first cache window is order 1; order k is available from the (k+1)-th full step that
 forms factors. The official code's `first_enhance` also sets its leading full steps (i < first_enhance), which
-is `cache.warmup` = first_enhance - 1 here.
+is `cache.warmup` = first_enhance - 1 here. The sum is a linear combination of the factors (`forecast_terms`),
+which the engine can fuse into a compiled skipped step.
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from methods import register
-from methods._numerics import taylor_eval, taylor_factors
-from methods.base import CacheConfig, CacheMethod, SiteKey, Step
+from methods._numerics import taylor_factors, taylor_weights
+from methods.base import CacheConfig, CacheMethod, SiteKey, Step, Terms
 
 
 @dataclass
@@ -48,12 +50,14 @@ class TaylorSeerConfig(CacheConfig):
 @register("taylorseer")
 class TaylorSeer(CacheMethod):
     config_class = TaylorSeerConfig
+    fusable = True
 
     def reset(self) -> None:
         self.factors: dict[SiteKey, list[Tensor]] = {}
         self.last_time: dict[SiteKey, float] = {}
         first_enhance = self.cfg.first_enhance
         self.factors_from = ((self.cfg.warmup or 0) + 1 if first_enhance is None else first_enhance) - 1
+        self.zeros: dict[SiteKey, list[Tensor]] = {}  # stand-ins for orders not formed yet
 
     def update(self, key: SiteKey, step: Step, features: Tensor) -> None:
         t = self.time(step)
@@ -62,6 +66,13 @@ class TaylorSeer(CacheMethod):
         dt = t - self.last_time[key] if key in self.last_time else 1.0  # unused while `previous` is empty
         self.factors[key] = taylor_factors(features, previous, dt, self.cfg.O)
         self.last_time[key] = t
+        if len(self.factors[key]) == self.cfg.O + 1:
+            self.zeros.pop(key, None)
 
-    def forecast(self, key: SiteKey, step: Step) -> Tensor:
-        return taylor_eval(self.factors[key], self.time(step) - self.last_time[key])
+    def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
+        factors = self.factors[key]
+        weights = taylor_weights(len(factors), self.time(step) - self.last_time[key])
+        missing = self.cfg.O + 1 - len(factors)  # orders not formed yet: zeros at weight 0, so the arity is fixed
+        if missing and len(self.zeros.get(key, ())) != missing:  # (distinct tensors: aliased ones recompile)
+            self.zeros[key] = [torch.zeros_like(factors[0]) for _ in range(missing)]
+        return Terms((*factors, *self.zeros.get(key, ())), (*weights, *[0.0] * missing))

@@ -28,7 +28,10 @@ EXACT = {"teacache": {"l": 0.0, "coefficients": [1.0, 0.0]}, "diffusers_fbcache"
          "diffusers_magcache": {"max_skip_steps": 0, "mag_ratios": [1.0] * STEPS, "steps": STEPS},
          "smoothcache": {"alpha": 0.0, "errors": {"attn": [[0.0] * (STEPS - 1)], "mlp": [[0.0] * (STEPS - 1)]}},
          "l2c": {"threshold": 0.0, "router_path": write_router(Path(tempfile.mkdtemp()) / "router.pt",
-                                                                 torch.full((STEPS, 4), -5.0))}}
+                                                                 torch.full((STEPS, 4), -5.0))},
+         "diffusers_fastercache": {"N": 1, "uncond_N": 1},  # FasterCache also skips the uncond half every uncond_N-th
+         # cache-dit: threshold 0 caches nothing; its default 8 always-computed leading blocks exceed the tiny DiT's 2
+         **{name: {"threshold": 0.0, "Fn": 1} for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")}}
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
@@ -39,7 +42,10 @@ def test_n1_equals_none_exactly(per_step_adapter, name):
     reference, _ = generate(adapter, "none")
     out, engine = generate(adapter, name, **EXACT.get(name, {"N": 1}))
     assert engine.full_steps == STEPS
-    assert torch.equal(out, reference)
+    if set(methods.get(name).roles) & {"model", "blocks", "block"}:  # per-step conditioning: its own rounding
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.equal(out, reference)
 
 
 @pytest.mark.parametrize("name", ["fora", "taylorseer", "foca"])
@@ -247,14 +253,12 @@ def per_step_adapter():
 
 @pytest.mark.parametrize("cache", [dict(name="none"), dict(name="foca", N=3), dict(name="teacache", l=0.1)])
 def test_precomputed_conditioning_equals_the_per_step_path(adapter, per_step_adapter, cache):
-    """One batched embedding per block and generation gives the per-step path's samples up to float32 rounding:
-    the (T x 2B)-row matmul rounds differently from the 2B-row one (here 9e-6 / 4e-6 relative L2 for none / FoCa;
-    a wrong step's embedding would be off by ~1e-1). TeaCache takes the per-step path either way: bit for bit."""
+    """Batched embeddings and modulations per generation give the per-step path's samples, to the rounding of
+    the batched matrix products (~1e-7 relative per step, grown to ~1e-5 over a cached trajectory)."""
     assert adapter.cfg.precompute_conditioning and not per_step_adapter.cfg.precompute_conditioning
     extra = {"coefficients": [1.0, 0.0]} if cache["name"] == "teacache" else {}
     outs = [generate(a, **cache, **extra)[0] for a in (adapter, per_step_adapter)]
-    assert (outs[0] - outs[1]).norm() / outs[1].norm() < 1e-4
-    assert torch.equal(outs[0], outs[1]) or cache["name"] != "teacache"
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
 def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapter, per_step_adapter, monkeypatch):
@@ -281,8 +285,8 @@ def test_precomputed_conditioning_runs_each_embedding_once_and_is_removed(adapte
 @pytest.mark.parametrize("cache,tensors_per_site", [
     (dict(name="fora", N=3), 1),          # the last full value
     (dict(name="taylorseer", N=3, O=2), 3),  # factors of order 0..2
-    (dict(name="foca", N=3), 4),          # at most F_{i-1}, F_i, F_b, D_full
-    (dict(name="foca", N=3, reading="cachedit"), 4),  # the same four, D undivided
+    (dict(name="foca", N=3), 3),          # F_b, the point before it, D_full
+    (dict(name="foca", N=3, reading="cachedit"), 3),  # the same three, D undivided
     (dict(name="abcache", N=3, k=3), 3),  # the last k values
     (dict(name="none"), 0),
 ])

@@ -279,7 +279,7 @@ def test_memory_plan_picks_strips_or_refuses_with_the_settings_that_fit(adapters
 
 def test_memory_at_2048_the_issue_figures():
     """At 2048x2048 (meta device, no weights): a site tensor is 262,144 x 1280 (671 MB in bf16); FoCa's whole-image
-    cache is 56 sites x 4 tensors (~150 GB); strips of 4 block rows hold a quarter of it plus one block row's keys
+    cache is 56 sites x 3 tensors (~113 GB); strips of 4 block rows hold a quarter of it plus one block row's keys
     and values per (full evaluation, layer)."""
     cfg = make_cfg("model=inf_dit", "profile=flops_only", "benchmark=div8k", "method=foca", "cache.N=5")
     cache = validate(cfg)
@@ -291,7 +291,7 @@ def test_memory_at_2048_the_issue_figures():
     whole = memory_plan.estimate(memory_plan.Setting("whole", 4, False, None), gen)
     strips = memory_plan.estimate(memory_plan.Setting("strips", 4, False, None), gen)
     site = 262_144 * 1280 * 2
-    assert site == 671_088_640 and whole.cache_bytes == 56 * 4 * site  # 150.3 GB
+    assert site == 671_088_640 and whole.cache_bytes == 56 * 3 * site  # 112.7 GB
     full = schedule_full_steps(cache, 39)
     assert strips.cache_bytes == whole.cache_bytes // 4 and strips.memory_bytes == full * 28 * 2 * site // 16
     REPORTED.setdefault("Inf-DiT memory plan at 2048x2048, FoCa N=5, bf16 (test_inf_dit)", {}).update({

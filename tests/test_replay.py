@@ -218,8 +218,8 @@ def test_time_axis_step_ignores_times():
 @pytest.mark.parametrize("corrector", ["heun", "none"])
 @pytest.mark.parametrize("h,dt", [(1.0, 1.0), (-20.0, -20.0), (0.3, 0.7), (-0.05, -0.11)])
 def test_fused_foca_equals_bdf2_then_heun(slope, corrector, h, dt):
-    """The two-kernel form FoCa runs equals the documented predictor/corrector composition."""
-    from methods._numerics import bdf2_predict, extrapolate, foca_weights, heun_correct
+    """The weights FoCa combines its points with equal the documented predictor/corrector composition."""
+    from methods._numerics import bdf2_predict, combine, foca_weights, heun_correct
 
     g = torch.Generator().manual_seed(0)
     cur, prev, d_full = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3))
@@ -228,7 +228,7 @@ def test_fused_foca_equals_bdf2_then_heun(slope, corrector, h, dt):
     if corrector == "heun":
         expected = heun_correct(cur, expected, d_full, h)
     k1, k2 = foca_weights(h, dt, slope, corrector)
-    torch.testing.assert_close(extrapolate(cur, prev, k1, d_full, k2), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(combine((cur, prev, d_full), (1 + k1, -k1, k2)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_local_slope_bdf2_is_linear_extrapolation():
@@ -238,26 +238,34 @@ def test_local_slope_bdf2_is_linear_extrapolation():
     assert bdf2_predict(cur, prev, (cur - prev) / dt, h, h / dt).item() == pytest.approx(2.0 + 0.5 * h / dt)
 
 
-def test_foca_skipped_run_reuses_its_own_buffers_only():
-    """Forecasts two steps apart share storage (no allocation per skipped step), a computed feature or the
-    last full value is never overwritten, and the values stay those of the unfused closed form."""
-    from methods.base import SiteKey, Step, resolve
+def test_foca_skipped_steps_write_no_tensor_and_combine_three_anchors():
+    """A skipped step's forecast is a combination of F_b, the point before it and D_full, all left untouched (no
+    forecast is written, so the engine can fuse it); the values stay those of the recursive closed form."""
+    from methods._numerics import combine
+    from methods.base import SiteKey, Step
 
-    method = methods.build({"name": "foca", "N": 6, "warmup": 2})
+    method = methods.build({"name": "foca", "N": 6, "warmup": 2, "slope": "local"})
     key = SiteKey("s")
     f = TRAJECTORIES["quadratic"]
     computed, outs = {}, []
-    for i in range(8):  # full at 0, 1, 2 then skipped 3..7
-        value = resolve(method, key, Step(i, float(i)), method.is_full(i),
-                        lambda i=i: computed.setdefault(i, torch.full((4,), f(float(i)), dtype=torch.float64)))
-        outs.append((value, value.clone()))  # keeping `value` alive: equal addresses mean a reused buffer
-    ptr = [v.data_ptr() for v, _ in outs]
-    assert ptr[5] == ptr[3] and ptr[6] == ptr[4] and ptr[7] == ptr[5]
-    assert all(ptr[i] != t.data_ptr() for i in range(3, 8) for t in computed.values())
-    assert torch.equal(computed[2], torch.full((4,), f(2.0), dtype=torch.float64))  # F_b untouched
-    full = [i < 3 for i in range(8)]
-    expected = expected_foca(f, [float(i) for i in range(8)], full, "local", "heun")
-    for (_, value), e in zip(outs, expected):
+    for i in range(10):  # full at 0, 1, 2 then skipped 3..7, full at 8, skipped 9
+        if method.is_full(i):
+            computed[i] = torch.full((4,), f(float(i)), dtype=torch.float64)
+            method.update(key, Step(i, float(i)), computed[i])
+            outs.append(computed[i])
+            continue
+        terms = method.forecast_terms(key, Step(i, float(i)))
+        assert len(terms.tensors) == 3 and terms.tensors[0] is computed[max(computed)]  # F_b
+        if i < 8:  # P: F_1, the point before b = 2
+            assert terms.tensors[1] is computed[1]
+        else:  # P: the forecast of step 7, materialized once by the full step at 8
+            assert all(terms.tensors[1] is not v for v in computed.values())
+        outs.append(combine(*terms))
+    for i, v in computed.items():
+        assert torch.equal(v, torch.full((4,), f(float(i)), dtype=torch.float64)), i  # features never modified
+    full = [i < 3 or i == 8 for i in range(10)]
+    expected = expected_foca(f, [float(i) for i in range(10)], full, "local", "heun")
+    for value, e in zip(outs, expected):
         assert value[0].item() == pytest.approx(e, rel=1e-12, abs=1e-12)
 
 

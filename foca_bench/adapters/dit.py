@@ -30,6 +30,7 @@ from foca_bench.hooks import CacheEngine, Site, first_token, hidden_states
 from methods.base import TokenLayout
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
+MODULATION_BYTES = 256 << 20  # the most a generation's precomputed adaLN modulation tables hold at a time
 
 
 def _modulated_input(block: nn.Module):
@@ -270,38 +271,44 @@ class DiTAdapter(Adapter):
     @contextmanager
     def _conditioning(self, timesteps: Tensor, labels: Tensor,
                       precompute: bool = True) -> Iterator[Callable[[int, Tensor], Any]]:
-        """Each step's adaLN conditioning embeddings, computed once per block and step, or once per generation.
+        """Each step's adaLN conditioning, computed once per block and step, or in batches over the steps.
 
         DiT evaluates `CombinedTimestepLabelEmbeddings` (sinusoid, 2-layer MLP, label lookup) in every block and
-        again (block 0's) for the final layer, at every step, although it depends only on (t, class). While step
-        i runs, each block's embedding module answers calls made with that step's own timestep and label tensors
-        (any other call, a probe or another batch, computes as usual):
-        - `model.precompute_conditioning=true` (and `precompute`): from a table evaluated once over all (step,
-          sample) rows before sampling. A skipped step cannot avoid its conditioning, and on a small model its
-          per-op cost is a large share of a skipped step; batched, it nearly vanishes. Equal up to float32
-          rounding, not bit for bit in general: the batched matmul rounds differently (~1e-7 relative per
-          embedding; docs/methods.md has the measured effect on samples).
+        again (block 0's) for the final layer, and each block's adaLN-Zero modulation linear (D -> 6D) on it, at
+        every step, although all of it depends only on (t, class). While step i runs, each block's embedding and
+        modulation answer calls made with that step's own timestep and label tensors (any other call, a probe or
+        another batch, computes as usual):
+        - `model.precompute_conditioning=true` (and `precompute`): the embeddings from a table evaluated once over
+          all (step, sample) rows before sampling, and each block's modulation from tables evaluated over chunks
+          of steps (as many as `MODULATION_BYTES` hold; all 50 at DiT-XL/2's batch 2), so a block's D x 6D weights
+          (32 MB in DiT-XL/2) are read once per chunk instead of once per step. A skipped step cannot avoid its
+          conditioning, and per step it is most of what a fused skipped step reads; batched, it nearly vanishes.
+          Equal up to float32 rounding, not bit for bit: the batched matrix products round
+          differently from per-step ones (~1e-7 relative per embedding; docs/methods.md has the effect on samples).
         - otherwise: computed at its first call in the step and reused by the final layer's repeat call.
-        Both count the same FLOPs: one embedding per block and step. The adapter passes `precompute=False` when
-        a method may skip whole blocks or the whole model (`reuse`, `teacache`, `delta_dit`), whose skipped blocks
-        need no conditioning.
+        Both count the same FLOPs: one embedding and modulation per block and step. The adapter passes
+        `precompute=False` when a method may skip whole blocks or the whole model (`reuse`, `teacache`,
+        `delta_dit`), whose skipped blocks need no conditioning.
 
         Yields:
             `conditioning(i, t_in)`: a context manager that opens step i, whose calls carry `t_in` and `labels`.
         """
-        embs = list(dict.fromkeys(block.norm1.emb for block in self.transformer.transformer_blocks
-                                  if block.norm_type == "ada_norm_zero"))
+        norms = [block.norm1 for block in self.transformer.transformer_blocks if block.norm_type == "ada_norm_zero"]
+        embs = list(dict.fromkeys(norm.emb for norm in norms))
         if not embs:
             yield lambda i, t_in: contextlib.nullcontext()
             return
         tables: dict[nn.Module, Tensor] = {}
+        T, n = timesteps.shape
         if precompute and self.cfg.precompute_conditioning:
-            T, n = timesteps.shape
             with torch.inference_mode():
                 tables = {emb: emb(timesteps.reshape(-1), labels.repeat(T), hidden_dtype=self.dtype).view(T, n, -1)
                           for emb in embs}  # (T, 2B, D) each
-        current: dict[str, Any] = {"i": None, "t": None}
-        this_step: dict[nn.Module, Tensor] = {}
+        per_step = sum(n * norm.linear.out_features * self.dtype.itemsize for norm in norms)
+        chunk = max(1, MODULATION_BYTES // max(per_step, 1))  # steps per modulation table
+        modulation: dict[nn.Module, Tensor] = {}  # per norm: (chunk, 2B, 6D) for steps from modulation_start
+        current: dict[str, Any] = {"t": None, "start": None}
+        this_step: dict[nn.Module, Tensor] = {}  # per embedding and per norm: this step's row
 
         def answer(emb: nn.Module) -> Callable[..., Tensor]:
             compute = type(emb).forward.__get__(emb)
@@ -309,31 +316,54 @@ class DiTAdapter(Adapter):
             def forward(timestep: Tensor, class_labels: Tensor, hidden_dtype: Optional[torch.dtype] = None) -> Tensor:
                 if timestep is not current["t"] or class_labels is not labels:
                     return compute(timestep, class_labels, hidden_dtype=hidden_dtype)
-                if emb in tables:
-                    return tables[emb][current["i"]]
                 if emb not in this_step:
                     this_step[emb] = compute(timestep, class_labels, hidden_dtype=hidden_dtype)
                 return this_step[emb]
 
             return forward
 
+        def modulate(norm: nn.Module) -> Callable[..., tuple]:
+            compute = type(norm).forward.__get__(norm)
+
+            def forward(x: Tensor, timestep: Optional[Tensor] = None, class_labels: Optional[Tensor] = None,
+                        hidden_dtype: Optional[torch.dtype] = None, emb: Optional[Tensor] = None) -> tuple:
+                if norm not in this_step or timestep is not current["t"] or class_labels is not labels:
+                    return compute(x, timestep, class_labels, hidden_dtype=hidden_dtype, emb=emb)
+                # AdaLayerNormZero.forward from its modulation on (diffusers/models/normalization.py)
+                shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = this_step[norm].chunk(6, dim=1)
+                x = norm.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+                return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+            return forward
+
         @contextmanager
         def conditioning(i: int, t_in: Tensor) -> Iterator[None]:
-            current.update(i=i, t=t_in)
+            current.update(t=t_in)
             this_step.clear()
+            if tables:
+                start = i - i % chunk
+                if current["start"] != start:  # the next chunk of steps' modulations, weights read once
+                    current["start"] = start
+                    modulation.update({norm: norm.linear(norm.silu(tables[norm.emb][start:start + chunk]))
+                                       for norm in norms})  # (chunk, 2B, 6D) each
+                # the step's rows, picked here, not in `forward`: a compiled step reads them as tensors, not by index
+                this_step.update({emb: table[i] for emb, table in tables.items()})
+                this_step.update({norm: table[i - start] for norm, table in modulation.items()})
             try:
                 yield
             finally:
-                current.update(i=None, t=None)
+                current.update(t=None)
                 this_step.clear()
 
         for emb in embs:
             emb.forward = answer(emb)
+        for norm in norms:
+            norm.forward = modulate(norm)
         try:
             yield conditioning
         finally:
-            for emb in embs:
-                del emb.forward  # the class's forward is visible again
+            for module in (*embs, *norms):
+                del module.forward  # the class's forward is visible again
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 memories and the working set, against the device's (and, when offloading, the host's) memory.
 
 At 2048x2048 a cache site holds 262,144 tokens x 1280 (671 MB in bf16); 56 sites (attention and MLP of 28 blocks)
-x FoCa's up to four tensors is ~150 GB, more than one H200 holds. What fits instead:
+x FoCa's three tensors is ~113 GB, ~131 GB with the weights and working set: just inside one H200, and a larger
+image, a wider cache dtype or a smaller card does not fit. What fits instead:
 - `cache.dtype` narrower than the model's (a float32 model's cache in bfloat16);
 - `model.mode=strips`: strips of `model.strip` full-width block rows, each denoised through all evaluations before
   the next, so the cache holds one strip (the engine starts afresh per strip); the price is the key/value memories
