@@ -277,6 +277,7 @@ class RunConfig:
     trace: bool = False
     results_dir: str = "results"
     force: bool = False
+    claim_timeout_s: float = 600.0
 
 
 def register_schemas() -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from foca_bench import REPO_DIR
-from foca_bench.records import claim, iter_records, record_path
+from foca_bench.records import iter_records, record_path
 from foca_bench.runner import run
 from tests.conftest import TINY, make_cfg
 from tests.wandb_log import logged
@@ -56,20 +56,6 @@ def test_a_cell_claimed_by_a_live_job_is_skipped_and_a_dead_jobs_claim_is_taken_
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": 0}))
     again = run(cfg)
     assert path.is_file() and not lock.exists() and again["metrics"] == first["metrics"]
-
-
-def test_claim_is_exclusive_and_released_on_error(tmp_path):
-    path = tmp_path / "x" / "abc.json"
-    with claim(path) as holder:
-        assert holder is None
-        with claim(path) as other:
-            assert other["pid"] == os.getpid()
-    with pytest.raises(RuntimeError):
-        with claim(path) as holder:
-            assert holder is None
-            raise RuntimeError("job failed")
-    with claim(path) as holder:
-        assert holder is None  # the failed job left no lock behind
 
 
 def test_wandb_offline_run_directory_holds_the_metrics_and_the_table(tmp_path):
