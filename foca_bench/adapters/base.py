@@ -7,10 +7,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from foca_bench.errors import MissingFileError
 from foca_bench.hooks import CacheEngine, Site
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(MissingFileError):
     """Raised when a model's weights are not on this machine; the message says how to point at them."""
 
 
