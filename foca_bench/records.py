@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from foca_bench import REPO_DIR
+from foca_bench.errors import CorruptFileError
 
 log = logging.getLogger("foca_bench")
 
@@ -103,6 +104,19 @@ def write_calibration(stem: str, method: str, knob: str, values: list[float], fm
     print(f"{headline} (written to {out}). For conf/model/{model}.yaml:\n")
     print(f"method_defaults:\n  {method}:\n    {knob}: [" + ", ".join(format(v, fmt) for v in values) + "]")
     return out
+
+
+def read_record(path: Path) -> dict:
+    """A record written before (this run's cell is done). Records are written atomically, so an unreadable one was
+    damaged afterwards: `CorruptFileError` names it (force=true recomputes and replaces it)."""
+    try:
+        record = json.loads(Path(path).read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        return record
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CorruptFileError(path, "The record of this cell", err, "Delete it, or rerun with force=true to "
+                               "compute the cell again and replace it.") from err
 
 
 def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid: str) -> Path:

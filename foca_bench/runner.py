@@ -27,8 +27,8 @@ from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import LOCAL_BENCHMARK_KEYS, validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
-from foca_bench.records import (atomic_write, atomic_write_json, claim, describe_claim, environment, record_path,
-                                run_id)
+from foca_bench.records import (atomic_write, atomic_write_json, claim, describe_claim, environment, read_record,
+                                record_path, run_id)
 from foca_bench.samples import IncompleteSamples, SampleStore, batches, shard_from_env
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
@@ -231,7 +231,7 @@ def run(cfg: DictConfig) -> dict:
     path = record_path(results, bench_name, cfg.model.name, cache.name, rid)
     if path.is_file() and not cfg.force:
         log.info(f"Record exists, skipping (force=true reruns): {path}")
-        return json.loads(path.read_text())
+        return read_record(path)
     # a missing reference file or metric weight stops the run here, before any model loads or sample is generated
     benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None
     if getattr(benchmark, "on_disk", False):
@@ -240,7 +240,7 @@ def run(cfg: DictConfig) -> dict:
         if holder is not None:
             return _skipped(rid, holder, f"computing {path}")
         if path.is_file() and not cfg.force:  # it finished between our check and our claim
-            return json.loads(path.read_text())
+            return read_record(path)
         return _compute(cfg, cache, config, rid, path, bench_name, benchmark, started)
 
 
@@ -334,7 +334,7 @@ def _run_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, pa
         if holder is not None:
             return _skipped(rid, holder, f"scoring {path}")
         if path.is_file() and not cfg.force:
-            return json.loads(path.read_text())
+            return read_record(path)
         if not store.complete():
             try:
                 packed = store.pack()
