@@ -34,8 +34,8 @@ class ModelConfig:
         size: `full` (the paper's architecture) or `tiny`: the same diffusers classes at a small width, with
             random weights (`weights=pretrained` becomes `random`), so the whole pipeline (VAE decode included)
             runs on a CPU in seconds.
-        tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`); they win over
-            command-line overrides of the same keys, so change a tiny value as `model.tiny.<key>=...`.
+        tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`), except those the
+            command line sets (`model.size=tiny model.resolution=128` is a tiny model at 128 px).
         compile: a `torch.compile` backend (`inductor`) for the attention, MLP and fused modules of the cache
             sites (`hooks.compile_sites`: the caching logic stays eager, nothing recompiles per step); null: eager.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
