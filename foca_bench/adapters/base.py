@@ -98,8 +98,10 @@ class Adapter(ABC):
         found on this machine: whatever fails now is a damaged, truncated or mismatched file, reported as
         `CorruptFileError` with diffusers' own error (which names the file) and the folder, never as missing."""
         where = Path(location) / subfolder if subfolder else Path(location)
+        if subfolder:
+            kwargs["subfolder"] = subfolder
         try:
-            return loader.from_pretrained(location, subfolder=subfolder, local_files_only=True, **kwargs)
+            return loader.from_pretrained(location, local_files_only=True, **kwargs)
         except Exception as err:
             raise CorruptFileError(
                 where, f"The {subfolder or 'pipeline'} weights of model '{self.cfg.name}'", err,
