@@ -8,8 +8,11 @@ the worker (`python -m evaluation.vbench_score`, overlay env) and the score form
 
 Weights: VBench's per-dimension models under its cache folder (`VBENCH_CACHE_DIR`, default `~/.cache/vbench`) in
 the layout its `init_submodules(local=True)` reads (`WEIGHTS` below; `datasets/vbench.md` says where each comes
-from). The worker runs `VBench.evaluate(..., local=True, mode="vbench_standard")` on a full-info file listing only
-the prompts this run generated, with HF_HUB_OFFLINE=1: nothing is downloaded.
+from). The worker runs `VBench.evaluate(..., local=True)` with HF_HUB_OFFLINE=1 (nothing is downloaded) on a
+full-info file that lists only the prompts this run generated, each with its own `video_list`: the file VBench's
+standard mode would build by looking for `<prompt>-<k>.mp4`, built by us instead, so every dimension (the
+semantic ones too, which VBench's custom mode refuses) reads our files whatever their names
+(`foca_bench.samples.prompt_stems` renames prompts that are no safe file name).
 
 Total score: VBench's own aggregation (its `scripts/cal_final_score.py` and `scripts/constant.py`, whose numbers
 `NORMALIZE`/`DIM_WEIGHT` reproduce): each dimension is min-max normalised and weighted (dynamic degree 0.5), the
@@ -98,12 +101,13 @@ def total_score(scores: dict[str, float]) -> dict[str, Optional[float]]:
             for name, v in (("vbench_quality", quality), ("vbench_semantic", semantic), ("vbench", total))}
 
 
-def run_vbench(videos: Path, info: list[dict], dimensions: list[str], work_dir: Path, weights: Path,
-               device: str = "cpu", env_dir: Optional[str] = None) -> dict[str, dict]:
-    """Evaluates the mp4 files in `videos` (named `<prompt>-<k>.mp4`) on `dimensions` in the VBench environment.
+def run_vbench(info: list[dict], dimensions: list[str], work_dir: Path, weights: Path, device: str = "cpu",
+               env_dir: Optional[str] = None) -> dict[str, dict]:
+    """Evaluates videos on `dimensions` in the VBench environment.
 
     Args:
-        info: VBench full-info entries (`prompt_en`, `dimension`, ...) of the prompts generated.
+        info: VBench full-info entries (`prompt_en`, `dimension`, `auxiliary_info`, ...) of the prompts generated,
+            each with `video_list`: the paths of its videos.
         weights: VBench's cache folder.
 
     Returns:
@@ -113,8 +117,8 @@ def run_vbench(videos: Path, info: list[dict], dimensions: list[str], work_dir: 
     info_path, answer = work_dir / "vbench_full_info.json", work_dir / "vbench_scores.json"
     info_path.write_text(json.dumps(info))
     env = {**os.environ, "VBENCH_CACHE_DIR": str(weights), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [str(env_python(env_dir)), "-m", "evaluation.vbench_score", "--videos", str(videos), "--info",
-           str(info_path), "--dimensions", ",".join(dimensions), "--out", str(answer), "--device", device]
+    cmd = [str(env_python(env_dir)), "-m", "evaluation.vbench_score", "--info", str(info_path), "--dimensions",
+           ",".join(dimensions), "--out", str(answer), "--device", device]
     proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent, stderr=None)
     if proc.returncode != 0:
         raise RuntimeError(f"The VBench worker failed (exit {proc.returncode}); its log is above. Command: "
@@ -125,15 +129,24 @@ def run_vbench(videos: Path, info: list[dict], dimensions: list[str], work_dir: 
 def _worker(argv: list[str]) -> None:
     from vbench import VBench
 
+    class Listed(VBench):
+        """VBench reading the video paths our full-info file lists, instead of looking them up by prompt."""
+
+        def build_full_info_json(self, videos_path: str, name: str, dimension_list: list, *args, **kwargs) -> str:
+            info = [e for e in json.loads(Path(self.full_info_dir).read_text()) if set(dimension_list) & set(
+                e["dimension"])]
+            path = Path(self.output_path) / f"{name}_full_info.json"
+            path.write_text(json.dumps(info))
+            return str(path)
+
     p = argparse.ArgumentParser()
-    for name in ("--videos", "--info", "--dimensions", "--out", "--device"):
+    for name in ("--info", "--dimensions", "--out", "--device"):
         p.add_argument(name, required=True)
     args = p.parse_args(argv)
     out_dir = Path(args.out).parent / "vbench_output"
-    bench = VBench(args.device, args.info, str(out_dir))
+    bench = Listed(args.device, args.info, str(out_dir))
     dims = args.dimensions.split(",")
-    bench.evaluate(videos_path=args.videos, name="foca_bench", dimension_list=dims, local=True,
-                   mode="vbench_standard")
+    bench.evaluate(videos_path=None, name="foca_bench", dimension_list=dims, local=True)
     raw = json.loads((out_dir / "foca_bench_eval_results.json").read_text())
     result = {d: {"score": float(raw[d][0]), "videos": raw[d][1]} for d in dims}
     tmp = Path(args.out).with_suffix(".tmp")

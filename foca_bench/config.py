@@ -35,8 +35,8 @@ class ModelConfig:
         size: `full` (the paper's architecture) or `tiny`: the same diffusers classes at a small width, with
             random weights (`weights=pretrained` becomes `random`), so the whole pipeline (VAE decode included)
             runs on a CPU in seconds.
-        tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`); they win over
-            command-line overrides of the same keys, so change a tiny value as `model.tiny.<key>=...`.
+        tiny: the model keys `size=tiny` replaces (nested: `arch` keys merge into `arch`), except those the
+            command line sets (`model.size=tiny model.resolution=128` is a tiny model at 128 px).
         compile: a `torch.compile` backend (`inductor`; `aot_eager` captures without code generation); null:
             eager. Methods whose forecasts are linear combinations (FORA, TaylorSeer, FoCa) and `none` run every
             step as one compiled graph of the whole model, a skipped step's forecasts fused into its gates and
@@ -313,6 +313,12 @@ class RunConfig:
     trace: bool = False
     results_dir: str = "results"
     force: bool = False
+    claim_timeout_s: float = 600.0
+
+
+def register_resolvers() -> None:
+    """`${div:a,b}`: integer division in YAML (a latent side from `model.resolution`)."""
+    OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b), replace=True)
 
 
 def register_schemas() -> None:
@@ -330,6 +336,7 @@ def register_schemas() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
+register_resolvers()
 register_schemas()
 
 
@@ -376,8 +383,22 @@ def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
     return sum(1 for i in range(steps) if is_full(i, steps))
 
 
-def sized(model: DictConfig) -> DictConfig:
-    """The model config with its `tiny` block merged in when `size=tiny` (idempotent)."""
+def command_line_keys(prefix: str) -> Optional[set[str]]:
+    """The keys under `prefix.` that this Hydra job's command line (or sweep cell) sets, e.g. {"resolution",
+    "arch.num_layers"} for `model.resolution=128 model.arch.num_layers=3`; None outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return None
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return {o.key_or_group[len(prefix) + 1:] for o in overrides if o.key_or_group.startswith(f"{prefix}.")}
+
+
+def sized(model: DictConfig, explicit: Optional[set[str]] = None) -> DictConfig:
+    """The model config with its `tiny` block merged in when `size=tiny` (idempotent); the keys the command line
+    sets (`explicit`, default `command_line_keys("model")`) keep their values, so `model.size=tiny
+    model.resolution=128` is a tiny model at 128 px."""
     if model.size not in ("full", "tiny"):
         raise ValueError(f"model.size={model.size!r}: choose full (the paper's architecture) or tiny (the same "
                          "classes at small width, random weights).")
@@ -385,10 +406,37 @@ def sized(model: DictConfig) -> DictConfig:
         return model
     if not model.tiny:
         raise ValueError(f"model.size=tiny: model `{model.name}` has no `tiny` block in its YAML.")
-    model = OmegaConf.merge(model, model.tiny)
-    if model.weights == "pretrained":  # no checkpoint has the tiny shapes; meta (FLOP counting) stays meta
-        model.weights = "random"
-    return model
+    explicit = command_line_keys("model") if explicit is None else explicit
+    merged = OmegaConf.merge(model, model.tiny)
+    for key in explicit or ():
+        if OmegaConf.select(model.tiny, key, default=None) is not None:
+            OmegaConf.update(merged, key, OmegaConf.select(model, key), merge=False)
+    if merged.weights == "pretrained":  # no checkpoint has the tiny shapes; meta (FLOP counting) stays meta
+        merged.weights = "random"
+    return merged
+
+
+def unknown_keys(cfg: DictConfig) -> None:
+    """Refuses keys that no schema has, which `+group.key=value` adds without a word (Hydra's own hint for a
+    typo): each structured node's keys are checked against its dataclass (`cache` against its method's)."""
+    from dataclasses import fields, is_dataclass
+
+    def check(node: Any, schema: Any, where: str) -> None:
+        known = {f.name: f for f in fields(schema)}
+        for key in node:
+            if key not in known:
+                what = f"method `{node.name}`" if where == "cache" else f"`{where}`"
+                raise ValueError(f"{where}.{key}: {what} has no key {key!r}; its keys are {sorted(known)}.")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+                check(child, OmegaConf.get_type(child), f"{where}.{key}")
+
+    for key in cfg:
+        if key not in {f.name for f in fields(RunConfig)}:
+            raise ValueError(f"{key}: no such key; the top-level keys are {sorted(f.name for f in fields(RunConfig))}.")
+    for key in ("model", "benchmark", "profile", "logger", "sampler"):
+        check(cfg[key], OmegaConf.get_type(cfg[key]), key)
+    check(cfg.cache, methods.get(cfg.cache.name).config_class, "cache")
 
 
 def validate(cfg: DictConfig) -> CacheConfig:
@@ -400,6 +448,7 @@ def validate(cfg: DictConfig) -> CacheConfig:
     Raises:
         ValueError: with a message that says how to fix the configuration.
     """
+    unknown_keys(cfg)
     cfg.model = sized(cfg.model)
     if cfg.cache.warmup is None:
         cfg.cache.warmup = cfg.model.warmup
@@ -441,6 +490,14 @@ def validate(cfg: DictConfig) -> CacheConfig:
                              f"model.method_defaults.{cache.name}.{key}: set one of them; {method_cls.how_to_set}.")
     if cfg.sampler.steps < 1:
         raise ValueError(f"sampler.steps={cfg.sampler.steps} must be >= 1.")
+    for key in ("model.guidance_scale", "sampler.guidance_scale", "model.true_cfg_scale"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value < 0:
+            raise ValueError(f"{key}={value}: a guidance scale must be >= 0 (1 or below runs without guidance on "
+                             "CFG models; FLUX and HunyuanVideo embed it as a conditioning value).")
+    if cfg.claim_timeout_s <= 0:
+        raise ValueError(f"claim_timeout_s={cfg.claim_timeout_s}: the seconds without a heartbeat after which a "
+                         "claim is taken over must be > 0.")
     if cfg.model.weights not in ("pretrained", "random", "meta"):
         raise ValueError(f"model.weights={cfg.model.weights!r}: choose pretrained, random or meta.")
     if cfg.model.get("compile_mode") is not None and cfg.model.compile != "inductor":

@@ -5,23 +5,30 @@ Layout: `results/<benchmark>/<model>/<method>/<run_id>.json`. Tables are derived
 
 import hashlib
 import json
+import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from foca_bench import REPO_DIR
+from foca_bench.errors import CorruptFileError
+
+log = logging.getLogger("foca_bench")
 
 PACKAGES = ("torch", "torchvision", "diffusers", "hydra-core", "omegaconf", "torchmetrics", "torch-fidelity",
             "numpy", "safetensors", "scikit-learn")
 # Keys that say where things are, not what was computed: excluded from a run's identity.
-PATH_KEYS = {"path", "results_dir", "force", "device", "logger"}
+PATH_KEYS = {"path", "results_dir", "force", "device", "logger", "claim_timeout_s"}
 
 
 def _strip(node: Any) -> Any:
@@ -99,6 +106,19 @@ def write_calibration(stem: str, method: str, knob: str, values: list[float], fm
     return out
 
 
+def read_record(path: Path) -> dict:
+    """A record written before (this run's cell is done). Records are written atomically, so an unreadable one was
+    damaged afterwards: `CorruptFileError` names it (force=true recomputes and replaces it)."""
+    try:
+        record = json.loads(Path(path).read_text())
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        return record
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CorruptFileError(path, "The record of this cell", err, "Delete it, or rerun with force=true to "
+                               "compute the cell again and replace it.") from err
+
+
 def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid: str) -> Path:
     return Path(results_dir) / benchmark / model / method / f"{rid}.json"
 
@@ -120,6 +140,9 @@ def group_records(results_dir: Path) -> dict[tuple[str, str], list[tuple[Path, d
     return dict(sorted(groups.items()))
 
 
+CLAIM_TIMEOUT_S = 600.0  # `claim_timeout_s`: a claim whose heartbeat is older than this is taken over
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -130,38 +153,183 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextmanager
-def claim(path: Path) -> Iterator[Optional[dict]]:
-    """Claims the computation of the record at `path` among concurrent jobs (processes or hosts sharing the
-    filesystem), with an exclusive-create lock file next to it.
+def claim_file(path: Path) -> Path:
+    """The lock file of the work whose result is `path`: `.<stem>.lock` beside it."""
+    return path.with_name(f".{path.stem}.lock")
 
-    Yields:
-        None when this process holds the claim (the lock is removed on exit, also on error), else the holder's
-        {"host", "pid", "started"}. A lock left by a dead process of this host is taken over; one from another
-        host is respected (remove `.<run_id>.lock` by hand if its job is gone).
-    """
-    lock = path.with_name(f".{path.stem}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            stale = holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))
-            if stale:
-                lock.unlink(missing_ok=True)
-                continue
-            yield holder or {"host": "?", "pid": "?", "started": None}
-            return
+
+def describe_claim(holder: dict, clock: Callable[[], float] = time.time) -> str:
+    """`<lock> (host h, pid p, started ..., last beat n s ago)`, for every message about a claim."""
+    beat = holder.get("beat")
+    ago = f"{clock() - beat:.0f} s ago" if isinstance(beat, (int, float)) else "unknown"
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return (f"{holder.get('lock', '?')} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+            f"{when}, last beat {ago})")
+
+
+def _read_claim(lock: Path) -> Optional[dict]:
+    """The holder a lock file names, None when the file is gone; an unreadable file reads as a holder without a
+    beat, whose age is the file's (a lock is written whole by `os.link`, so only outside damage makes one)."""
+    try:
+        text = lock.read_text()
+        mtime = lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+        if not isinstance(holder, dict):
+            raise ValueError("not a JSON object")
+    except ValueError:
+        holder = {"unreadable": True}
+    holder.setdefault("beat", mtime)
+    return {**holder, "lock": str(lock)}
+
+
+def _write_claim(lock: Path, me: dict, replace: bool) -> bool:
+    """Writes `me` to `lock` whole: to a temporary file, then linked into place (fails if `lock` exists: the
+    exclusive create, atomic on local filesystems and NFS) or, for a heartbeat, renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=f"{lock.name}.", suffix=".tmp")
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
+        if replace:
+            os.replace(tmp, lock)
+            return True
         try:
-            yield None
-        finally:
-            lock.unlink(missing_ok=True)
+            os.link(tmp, lock)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _stale(holder: dict, me: dict, timeout_s: float, now: float) -> Optional[str]:
+    """Why `holder`'s claim may be taken over, or None while it is live."""
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        return "its process is gone"
+    if now - holder["beat"] > timeout_s:
+        return f"no heartbeat for {now - holder['beat']:.0f} s (claim_timeout_s={timeout_s:g})"
+    return None
+
+
+def _take_over(lock: Path, holder: dict) -> bool:
+    """Removes the stale lock `holder` was read from, unless another job replaced it meanwhile: the lock is
+    renamed aside (one process wins the rename), and put back if what was renamed is not the stale holder's."""
+    aside = lock.with_name(f"{lock.name}.{uuid.uuid4().hex}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return True  # its holder released it meanwhile
+    moved = _read_claim(aside) or {}
+    if moved.get("token") != holder.get("token") or moved.get("beat") != holder.get("beat"):
+        try:
+            os.link(aside, lock)  # a fresh claim of another job: put it back, unless a third job claimed since
+        except FileExistsError:
+            pass
+        aside.unlink(missing_ok=True)
+        return False
+    aside.unlink(missing_ok=True)
+    return True
+
+
+class _Heartbeat(threading.Thread):
+    """Rewrites the claim's `beat` every `every` seconds while its work runs; stops when the claim was taken over
+    (the lock names another token), saying so once."""
+
+    def __init__(self, lock: Path, me: dict, every: float, clock: Callable[[], float]) -> None:
+        super().__init__(name=f"claim heartbeat {lock.name}", daemon=True)
+        self.lock, self.me, self.every, self.clock = lock, me, every, clock
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.every):
+            current = _read_claim(self.lock)
+            if current is None and _write_claim(self.lock, {**self.me, "beat": self.clock()}, replace=False):
+                continue  # moved aside by a job checking whether it is stale, and not put back yet: claimed again
+            if current is None or current.get("token") != self.me["token"]:
+                log.warning(f"The claim {self.lock} was taken over by another job"
+                            f"{' ' + describe_claim(current, self.clock) if current else ''}; this job continues, "
+                            "and the last to finish writes the result.")
+                return
+            _write_claim(self.lock, {**self.me, "beat": self.clock()}, replace=True)
+
+
+class Terminated(SystemExit):
+    """SIGTERM (SLURM preemption, `timeout`, `kill`) while a claim is held: raised in the main thread so that
+    every `finally` runs (the claim is released, temporary files removed) before the process exits."""
+
+
+@contextmanager
+def _release_on_signals() -> Iterator[None]:
+    """SIGTERM raises `Terminated` (exit status 143) for the duration, instead of killing the process on the spot;
+    SIGINT raises KeyboardInterrupt as usual (also where it was reset to the default action). Only the main
+    thread can install handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    yield {"host": "?", "pid": "?", "started": None}  # lost a race for a stale lock twice: let the winner run
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def claim(path: Path, timeout_s: float = CLAIM_TIMEOUT_S, force: bool = False,
+          clock: Callable[[], float] = time.time, beat_every_s: Optional[float] = None) -> Iterator[Optional[dict]]:
+    """Claims the work whose result is `path` among concurrent jobs (processes or hosts sharing the filesystem)
+    with a lock file beside it (`claim_file`) holding the owner's host, pid, start time and last heartbeat.
+
+    While the claim is held, a thread refreshes the heartbeat every `beat_every_s` (default: a quarter of
+    `timeout_s`), and SIGTERM or SIGINT unwinds the job, releasing the claim. A claim is taken over when its
+    process is gone (same host), when its heartbeat is older than `timeout_s` (any host: a job killed with SIGKILL
+    or a node that died), or when `force` is set (the other job is not stopped; both compute, the last result
+    written wins).
+
+    Args:
+        clock: the time source of heartbeats and their ages (tests pass a fake clock).
+
+    Yields:
+        None when this process holds the claim (released on exit, also on error or a signal), else the holder:
+        {"host", "pid", "started", "beat", "lock"}, which `describe_claim` puts into words.
+    """
+    lock = claim_file(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    now = clock()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "started": now, "beat": now}
+    holder: Optional[dict] = None
+    for _ in range(3):
+        if _write_claim(lock, me, replace=False):
+            break
+        holder = _read_claim(lock)
+        if holder is None:
+            continue  # released meanwhile: try again
+        why = "force=true" if force else _stale(holder, me, timeout_s, clock())
+        if why is None:
+            yield holder
+            return
+        log.warning(f"Taking over the claim {describe_claim(holder, clock)}: {why}")
+        _take_over(lock, holder)
+    else:
+        yield holder or {"lock": str(lock)}  # lost every race for it: another job holds it now
+        return
+    heartbeat = _Heartbeat(lock, me, beat_every_s or timeout_s / 4, clock)
+    heartbeat.start()
+    try:
+        with _release_on_signals():
+            yield None
+    finally:
+        heartbeat.stop.set()
+        heartbeat.join()
+        current = _read_claim(lock)
+        if current is not None and current.get("token") == me["token"]:
+            lock.unlink(missing_ok=True)

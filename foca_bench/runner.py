@@ -27,7 +27,8 @@ from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import LOCAL_BENCHMARK_KEYS, validate
 from foca_bench.fused import build_engine
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
-from foca_bench.records import atomic_write, atomic_write_json, claim, environment, record_path, run_id
+from foca_bench.records import (atomic_write, atomic_write_json, claim, describe_claim, environment, read_record,
+                                record_path, run_id)
 from foca_bench.samples import IncompleteSamples, SampleStore, batches, shard_from_env
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
@@ -240,22 +241,23 @@ def run(cfg: DictConfig) -> dict:
     path = record_path(results, bench_name, cfg.model.name, cache.name, rid)
     if path.is_file() and not cfg.force:
         log.info(f"Record exists, skipping (force=true reruns): {path}")
-        return json.loads(path.read_text())
+        return read_record(path)
     # a missing reference file or metric weight stops the run here, before any model loads or sample is generated
     benchmark = build_benchmark(cfg.benchmark, cfg.model) if cfg.profile.benchmark else None
     if getattr(benchmark, "on_disk", False):
         return _run_on_disk(cfg, cache, config, rid, path, benchmark, started)
-    with claim(path) as holder:  # concurrent jobs of the same cell: one computes, the others skip
+    with claim(path, cfg.claim_timeout_s, cfg.force) as holder:  # concurrent jobs of a cell: one computes
         if holder is not None:
             return _skipped(rid, holder, f"computing {path}")
         if path.is_file() and not cfg.force:  # it finished between our check and our claim
-            return json.loads(path.read_text())
+            return read_record(path)
         return _compute(cfg, cache, config, rid, path, bench_name, benchmark, started)
 
 
 def _skipped(rid: str, holder: dict, doing: str) -> dict:
     """What a job returns when another job holds the claim on the work it came to do."""
-    log.warning(f"Skipping: another job (host {holder['host']}, pid {holder['pid']}) is {doing}")
+    log.warning(f"Skipping: another job is {doing}; it holds the claim {describe_claim(holder)}. The claim is "
+                "taken over once its heartbeat is older than claim_timeout_s, or now with force=true.")
     return {"run_id": rid, "skipped": f"another job is {doing}", "holder": holder}
 
 
@@ -335,15 +337,15 @@ def _run_on_disk(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, pa
     store = benchmark.store(sample_folder(cfg, benchmark, cache, rid))
     device = resolve_device(cfg.device)
     if not store.complete():
-        with claim(store.root / f"shard-{shard}-of-{num_shards}.json") as holder:
+        with claim(store.root / f"shard-{shard}-of-{num_shards}.json", cfg.claim_timeout_s, cfg.force) as holder:
             if holder is not None:
                 return _skipped(rid, holder, f"generating shard {shard}/{num_shards} of {store.root}")
             _generate_shard(cfg, cache, benchmark, store, shard, num_shards, device)
-    with claim(path) as holder:  # the merge: one process packs and scores
+    with claim(path, cfg.claim_timeout_s, cfg.force) as holder:  # the merge: one process packs and scores
         if holder is not None:
             return _skipped(rid, holder, f"scoring {path}")
         if path.is_file() and not cfg.force:
-            return json.loads(path.read_text())
+            return read_record(path)
         if not store.complete():
             try:
                 packed = store.pack()

@@ -14,11 +14,13 @@ named by its zero-padded global index (`000042.png`). Generation batches lie on 
   and only then writes the `DONE` marker: all shards meet at that file-system barrier.
 """
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -249,10 +251,59 @@ class SampleStore:
 
 
 
+NAME_MAX = 255  # bytes in one file name: ext4, XFS, btrfs, ZFS, APFS, NTFS (255 UTF-16 units) and Lustre all allow
+STEM_MAX = NAME_MAX - 16  # room for `-<k>.mp4`
+UNSAFE = frozenset('/\\<>:"|?*') | frozenset(map(chr, range(32))) | {"\x7f"}  # separators, reserved, controls
+HASHED_PREFIX = 96  # bytes of a renamed prompt's text kept in its file name
+
+
+def _fold(name: str) -> str:
+    """What case-insensitive, normalising filesystems (APFS, NTFS, SMB shares) compare."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def prompt_stems(prompts: Sequence[str]) -> dict[str, str]:
+    """The file stem of each prompt's videos (`<stem>-<k>.mp4`), deterministic for the list.
+
+    A prompt keeps its own text as stem, the name VBench's standard mode looks for, when that is safe everywhere:
+    no path separator, no character Windows or SMB reserve (`<>:"|?*`), no control character, no leading dot (a
+    hidden file) or space, at most `STEM_MAX` bytes, and no earlier prompt of the list with the same name up to
+    case and Unicode normalisation (VBench's own list has "a fantasy landscape", then "A fantasy landscape": on a
+    case-insensitive filesystem the second would overwrite the first, so it is renamed). Any other prompt is
+    renamed to its text with each unsafe character replaced by `_`, cut to `HASHED_PREFIX` bytes, then `~` and the
+    first 12 hex digits of the SHA-256 of the whole prompt (UTF-8): `../../x` becomes `_.._x~<hash>`. A stem never
+    holds a separator, so no file can land outside its folder; `prompts.json` maps every file to its prompt.
+
+    Raises:
+        ValueError: a prompt is not a non-empty string (the caller names the file it came from).
+    """
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt {i} is {prompt!r}: every prompt must be a non-empty string.")
+
+    def safe(p: str) -> bool:
+        return not UNSAFE & set(p) and p[0] not in ". " and len(p.encode("utf-8")) <= STEM_MAX
+
+    taken: set[str] = set()
+
+    def renamed(p: str) -> str:
+        text = "".join("_" if c in UNSAFE else c for c in p).lstrip(" .") or "_"
+        text = text.encode("utf-8")[:HASHED_PREFIX].decode("utf-8", errors="ignore").rstrip(" .")
+        return f"{text}~{hashlib.sha256(p.encode('utf-8')).hexdigest()[:12]}"
+
+    stems = {}
+    for p in dict.fromkeys(prompts):
+        stems[p] = p if safe(p) and _fold(p) not in taken else renamed(p)
+        taken.add(_fold(p))
+    return stems
+
+
 class VideoStore(SampleStore):
-    """A video benchmark's folder: one lossless mp4 per sample in `videos/`, named as VBench's evaluator expects,
-    `<prompt>-<k>.mp4` for the k-th video of a prompt (sample index `i`: prompt `i // per_prompt`,
-    k = `i % per_prompt`). `DONE` lists the files; there is no npz.
+    """A video benchmark's folder: one lossless mp4 per sample in `videos/`, `<stem>-<k>.mp4` for the k-th video of
+    a prompt (sample index `i`: prompt `i // per_prompt`, k = `i % per_prompt`), where the stem is the prompt
+    itself, the name VBench's standard mode expects, whenever that is a safe file name (`prompt_stems`). `DONE`
+    lists the files and `prompts.json` maps each file name to its prompt (the `--prompt_file` of VBench's custom
+    mode); there is no npz.
 
     Args:
         per_prompt: videos per prompt (VBench: 5).
@@ -266,6 +317,7 @@ class VideoStore(SampleStore):
                  shape: Optional[tuple[int, ...]] = None) -> None:
         super().__init__(root, samples, shape)
         self.per_prompt, self.fps = per_prompt, fps
+        self.stems = prompt_stems([s.prompt for s in self.samples])
 
     @property
     def videos(self) -> Path:
@@ -273,7 +325,17 @@ class VideoStore(SampleStore):
         return self.root / "videos"
 
     def path(self, sample: Sample) -> Path:
-        return self.videos / f"{sample.prompt}-{sample.index % self.per_prompt}.mp4"
+        return self.videos / f"{self.stems[sample.prompt]}-{sample.index % self.per_prompt}.mp4"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "prompts.json"
+
+    def pack(self) -> Path:
+        """Writes the `prompts.json` manifest ({file name in `videos/`: prompt}), then checks and marks the folder
+        (`SampleStore.pack`)."""
+        atomic_write_json(self.manifest, {self.path(s).name: s.prompt for s in self.samples})
+        return super().pack()
 
     def write_file(self, path: Path, array: np.ndarray) -> None:
         write_mp4(path, array, self.fps)

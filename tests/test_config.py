@@ -11,6 +11,7 @@ from omegaconf.errors import ValidationError
 import methods
 from foca_bench import REPO_DIR
 from foca_bench.adapters import ADAPTERS
+from foca_bench.adapters import build_adapter
 from foca_bench.config import model_method_defaults, validate
 
 METHOD_FILES = sorted(p.stem for p in (REPO_DIR / "conf/method").glob("*.yaml"))
@@ -85,10 +86,61 @@ def test_unknown_option_lists_the_choices(cfg_factory):
     (("method=toca", "cache.score=norm"), "choose one of attention, random"),
     (("method=duca", "cache.pattern=CX"), "string of C"),
     (("method=duca", "cache.soft_fresh_weight=-1"), "must be >= 0"),
+    (("method=foca", "+cache.n=3"), "cache.n: method `foca` has no key 'n'; its keys are ['N', "),
+    (("+model.foo=1",), "model.foo: `model` has no key 'foo'"),
+    (("+sampler.stpes=1",), "sampler.stpes: `sampler` has no key"),
+    (("+seed=1",), "seed: no such key"),
+    (("sampler.guidance_scale=-1",), "sampler.guidance_scale=-1.0: a guidance scale must be >= 0"),
+    (("model.guidance_scale=-2",), "model.guidance_scale=-2.0"),
+    (("model=hunyuan_video", "model.true_cfg_scale=-1"), "model.true_cfg_scale=-1.0"),
+    (("claim_timeout_s=0",), "claim_timeout_s=0"),
+    (("model=flux", "model.resolution=70"), "takes multiples of 16; the nearest are 64 or 80"),
+    (("model=dit_xl_2", "model.resolution=500"), "takes multiples of 16; the nearest are 496 or 512"),
+    (("model=dit_xl_2", "model.arch.sample_size=64"), "set model.resolution alone"),
+    (("model.resolution=17",), "the nearest are 16 or 18"),
+    (("model=hunyuan_video", "model.width=100"), "model.width=100"),
+    (("model=hunyuan_video", "model.frames=64"), "1 + 4k frames; the nearest are 61 or 65"),
 ])
 def test_cross_field_checks_say_how_to_fix(cfg_factory, overrides, fix):
     with pytest.raises(ValueError, match=re.escape(fix)):
         validate(cfg_factory(*overrides))
+
+
+def test_dit_xl_2_at_512_is_the_512_architecture(cfg_factory):
+    from tests.conftest import flops_of
+
+    cfg = cfg_factory("model=dit_xl_2", "model.resolution=512", "profile=flops_only")
+    validate(cfg)
+    assert cfg.model.arch.sample_size == 64  # facebook/DiT-XL-2-512's
+    flops = {}
+    for side in (32, 64):  # tiny DiT-XL/2 at 32 and 64 px: 16 and 64 tokens
+        cfg = cfg_factory("model=dit_xl_2", "model.size=tiny", f"model.tiny.resolution={side}", "profile=flops_only")
+        validate(cfg)
+        adapter = build_adapter(cfg.model, "cpu")
+        assert adapter.make_noise([0]).shape[-1] == side // 8
+        flops[side] = flops_of(adapter, {"name": "none"}, 1)
+    assert flops[64] > 3 * flops[32]  # 4x the tokens (the conditioning embeddings do not grow)
+
+
+def test_command_line_values_win_over_the_tiny_block():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from foca_bench import REPO_DIR
+    from foca_bench.config import sized
+
+    with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base=None):
+        full = hydra_compose("config", ["model=flux", "model.size=tiny", "model.resolution=128",
+                                        "model.arch.num_layers=3"], return_hydra_config=True)
+    HydraConfig.instance().set_config(full)  # what run.py's job sees
+    try:
+        model = sized(full.model)
+        assert (model.resolution, model.arch.num_layers, model.arch.num_single_layers) == (128, 3, 2)
+        assert sized(model) == model  # idempotent
+    finally:
+        HydraConfig.instance().cfg = None
+    assert sized(full.model).resolution == 64  # outside a Hydra job nothing is explicit: the tiny block's
 
 
 def test_flops_only_needs_no_weights(cfg_factory):

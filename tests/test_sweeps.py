@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from foca_bench import REPO_DIR
-from foca_bench.records import claim, iter_records, record_path
+from foca_bench.records import iter_records, record_path, run_id
 from foca_bench.runner import run
 from tests.conftest import TINY, make_cfg
 from tests.wandb_log import logged
@@ -41,6 +41,34 @@ def test_submitit_local_multirun_records_every_cell_and_a_rerun_skips_them(tmp_p
     assert len(list(iter_records(tmp_path))) == 4
 
 
+FLOPS_ONLY = (*TINY, "sampler.steps=4", "profile.benchmark=false", "profile.latency=false", "method=foca")
+
+
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("local", marks=pytest.mark.slow)])
+def test_a_sweep_runs_every_cell_and_lists_the_failed_ones(tmp_path, launcher):
+    """Cells N=2, 0 (invalid), 3 (its record corrupt on disk), 4: the sweep records N=2 and N=4, exits 1 and lists
+    N=0 and N=3 with their reasons. `local` (submitit, a process per cell; slow) notes outcomes from its workers."""
+    from foca_bench.config import validate
+    from foca_bench.runner import identity
+
+    cfg = make_cfg(*FLOPS_ONLY, "cache.N=3", f"results_dir={tmp_path}")
+    corrupt = record_path(tmp_path, "flops", "toy_dit", "foca", run_id(identity(cfg, validate(cfg))))
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text('{"run_id": "trunc')
+    launch = ["hydra/launcher=local", "hydra.launcher.cpus_per_task=1"] if launcher == "local" else []
+    proc = subprocess.run([sys.executable, "run.py", "-m", *launch, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                           f"results_dir={tmp_path}", *FLOPS_ONLY, "cache.N=2,0,3,4"], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    recorded = {json.loads(p.read_text())["config"]["cache"]["N"] for p in corrupt.parent.glob("*.json") if p != corrupt}
+    assert recorded == {2, 4}
+    report = proc.stderr[proc.stderr.index("Sweep: 4 cells"):]
+    assert "2 done, 2 failed" in report
+    assert "failed #1" in report and "cache.N=0" in report and "must be >= 1" in report
+    assert "failed #2" in report and "cache.N=3" in report and str(corrupt) in report and "force=true" in report
+    assert "cache.N=2" not in report and "cache.N=4" not in report
+
+
 def test_a_cell_claimed_by_a_live_job_is_skipped_and_a_dead_jobs_claim_is_taken_over(tmp_path):
     cfg = make_cfg(*QUICK, f"results_dir={tmp_path}", "method=foca", "cache.N=2", "profile.latency=false")
     first = run(cfg)  # learn the record's path, then remove it
@@ -56,20 +84,6 @@ def test_a_cell_claimed_by_a_live_job_is_skipped_and_a_dead_jobs_claim_is_taken_
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": 0}))
     again = run(cfg)
     assert path.is_file() and not lock.exists() and again["metrics"] == first["metrics"]
-
-
-def test_claim_is_exclusive_and_released_on_error(tmp_path):
-    path = tmp_path / "x" / "abc.json"
-    with claim(path) as holder:
-        assert holder is None
-        with claim(path) as other:
-            assert other["pid"] == os.getpid()
-    with pytest.raises(RuntimeError):
-        with claim(path) as holder:
-            assert holder is None
-            raise RuntimeError("job failed")
-    with claim(path) as holder:
-        assert holder is None  # the failed job left no lock behind
 
 
 def test_wandb_offline_run_directory_holds_the_metrics_and_the_table(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from evaluation.vbench_score import DIMENSIONS, NORMALIZE, env_python, package_file, run_vbench, total_score
 from foca_bench.benchmarks import MissingFileError
 from foca_bench.runner import run
-from foca_bench.samples import Sample, VideoStore, read_mp4, write_mp4
+from foca_bench.samples import Sample, VideoStore, prompt_stems, read_mp4, write_mp4
 from tests.conftest import REPORTED, TINY_FLUX, TINY_HUNYUAN, make_cfg
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -62,7 +62,9 @@ def test_vbench_end_to_end_and_noise_lowers_both_dimensions(vbench_files, tmp_pa
         video = read_mp4(path).astype(np.float32)
         write_mp4(noisy / path.name, np.clip(video + rng.normal(0, 40, video.shape), 0, 255).astype(np.uint8), 24)
     info = json.loads((vbench_files / "prompts.json").read_text())
-    perturbed = run_vbench(noisy, info, DIMS, tmp_path / "work", vbench_files / "weights")
+    for entry in info:
+        entry["video_list"] = [str(noisy / f"{entry['prompt_en']}-{k}.mp4") for k in range(2)]
+    perturbed = run_vbench(info, DIMS, tmp_path / "work", vbench_files / "weights")
     for d in DIMS:
         assert perturbed[d]["score"] < m[d]["value"], (d, perturbed[d]["score"], m[d]["value"])
         REPORTED.setdefault("VBench on tiny random HunyuanVideo videos: clean -> per-frame noise (test_vbench)", {})[
@@ -98,6 +100,58 @@ def test_video_store_names_files_as_vbench_expects_and_catches_truncation(tmp_pa
     store.write(range(4), videos, only={1, 2})
     store.pack()
     assert store.complete() and not store.npz.exists() and json.loads(store.done.read_text())["count"] == 4
+
+
+def test_file_names_keep_vbenchs_where_safe_and_rename_the_rest_inside_the_folder(tmp_path):
+    long = "a prompt " * 34  # 306 characters
+    odd = ["../../../tmp/x", "/tmp/x", "a/b", long, "a cat", ".hidden", "what? yes: <this>", "tab\there"]
+    plain = ["A cat", "a dog", "In a still frame, a stop sign", "rock-carved façades (Petra), it's old."]
+    stems = prompt_stems(plain + odd)
+    assert [stems[p] for p in plain] == plain  # VBench's expected names
+    renamed = [stems[p] for p in odd]
+    assert len(set(renamed)) == len(odd) and all(s not in odd for s in renamed)
+    assert stems == prompt_stems(plain + odd)  # deterministic
+    for stem in renamed:  # one safe path component each, on every filesystem
+        assert not set(stem) & set('/\\<>:"|?*') and stem.isprintable() and stem[0] not in ". "
+        assert len(f"{stem}-4.mp4".encode()) <= 255 and Path(stem).name == stem
+    assert stems["../../../tmp/x"].startswith("_.._.._tmp_x~") and stems[long].startswith("a prompt a prompt")
+    samples = [Sample(index=i, seed=i, label=i, prompt=p) for i, p in enumerate(plain + odd)]
+    store = VideoStore(tmp_path / "run", samples, per_prompt=1, fps=8, shape=(3, 16, 16, 3))
+    store.write(range(len(samples)), np.zeros((len(samples), 3, 16, 16, 3), np.uint8))
+    store.pack()
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert all(p.parent == store.videos for p in files if p.suffix == ".mp4") and len(files) == len(samples) + 2
+    manifest = json.loads(store.manifest.read_text())  # the prompt_file of VBench's custom mode
+    assert manifest == {store.path(s).name: s.prompt for s in samples}
+    with pytest.raises(ValueError, match="prompt 1 is ''"):
+        prompt_stems(["a", ""])
+
+
+@needs_env
+def test_every_vbench_prompt_keeps_its_name_but_a_case_twin():
+    prompts = [e["prompt_en"] for e in json.loads(package_file("VBench_full_info.json").read_text())]
+    stems = prompt_stems(prompts)
+    assert [p for p in stems if stems[p] != p] == ["A fantasy landscape"]  # after "a fantasy landscape"
+
+
+@pytest.mark.slow
+@needs_env
+def test_prompts_that_are_no_file_names_are_generated_inside_the_run_folder_and_scored(vbench_files, tmp_path):
+    """A custom VBench prompt list with `../../../tmp/x`, `/tmp/x`, `a/b` and a 308-character prompt: a tiny
+    HunyuanVideo run writes its four videos inside its own videos/ folder (renamed) and VBench scores them through
+    the listed paths (~1 min, mostly VBench's start)."""
+    prompts = ["../../../tmp/foca_escape", "/tmp/foca_escape_abs", "a/b", "a long prompt " * 22]
+    info = [{"prompt_en": p, "dimension": ["temporal_flickering"]} for p in prompts]
+    (tmp_path / "custom.json").write_text(json.dumps(info))
+    results = tmp_path / "results"
+    record = run(make_cfg(*_overrides(vbench_files, results, f"benchmark.prompts_path={tmp_path / 'custom.json'}",
+                                      "benchmark.dimensions=[temporal_flickering]", "benchmark.videos_per_prompt=1",
+                                      "sampler.steps=2")))
+    assert 0 < record["metrics"]["temporal_flickering"]["value"] <= 1
+    videos = [p for p in results.rglob("*.mp4")]
+    assert len(videos) == 4 and all(p.parent.name == "videos" for p in videos)
+    assert not list(Path("/tmp").glob("foca_escape*")) and not (results.parent / "b-0.mp4").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.json", "results"]
 
 
 def test_total_score_is_vbenchs_weighted_normalised_mean():

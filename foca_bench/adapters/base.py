@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from foca_bench.errors import CorruptFileError, MissingFileError
 from foca_bench.hooks import CacheEngine, FeedForwardParts, Site
 
 
@@ -22,8 +23,18 @@ def feed_forward_parts(ff: nn.Module) -> Optional[FeedForwardParts]:
     return FeedForwardParts(act.proj, lambda hidden: F.gelu(hidden, approximate=act.approximate), down)
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(MissingFileError):
     """Raised when a model's weights are not on this machine; the message says how to point at them."""
+
+
+def not_a_multiple(key: str, value: int, multiple: int, why: str) -> Optional[str]:
+    """None when `value` is a positive multiple of `multiple`, else a message naming the nearest valid values (for
+    `Adapter.refuse`: a size the model cannot honour is refused, never rounded)."""
+    if value > 0 and value % multiple == 0:
+        return None
+    below, above = value // multiple * multiple, (value // multiple + 1) * multiple
+    nearest = f"are {below} or {above}" if below > 0 else f"is {above}"
+    return f"{key}={value}: {why} takes multiples of {multiple}; the nearest {nearest}."
 
 
 class Adapter(ABC):
@@ -83,16 +94,38 @@ class Adapter(ABC):
         return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @staticmethod
-    def has_local_weights(location: str, subfolder: str) -> bool:
-        """Whether `location` (a folder, else a hub id in the local Hugging Face cache) holds
-        `<subfolder>/config.json`, checked without importing diffusers (whose import alone takes seconds), so a
-        run without weights fails fast."""
+    def local_file(location: str, name: str) -> Optional[Path]:
+        """`location/name` when it is on this machine (`location` a folder, else a hub id in the local Hugging
+        Face cache), else None; checked without importing diffusers (whose import alone takes seconds)."""
         folder = Path(location).expanduser()
         if folder.is_dir() or location.startswith((".", "/", "~")) or location.count("/") != 1:
-            return (folder / subfolder / "config.json").is_file()
+            return folder / name if (folder / name).is_file() else None
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(location, f"{subfolder}/config.json"), str)
+        found = try_to_load_from_cache(location, name)
+        return Path(found) if isinstance(found, str) else None
+
+    @classmethod
+    def has_local_weights(cls, location: str, subfolder: str) -> bool:
+        """Whether `location` holds `<subfolder>/config.json` (`local_file`), so a run without weights fails
+        fast."""
+        return cls.local_file(location, f"{subfolder}/config.json") is not None
+
+    def from_pretrained(self, loader: Any, location: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
+        """`loader.from_pretrained(location, subfolder=..., local_files_only=True, **kwargs)` where the weights were
+        found on this machine: whatever fails now is a damaged, truncated or mismatched file, reported as
+        `CorruptFileError` with diffusers' own error (which names the file) and the folder, never as missing."""
+        where = Path(location) / subfolder if subfolder else Path(location)
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        try:
+            return loader.from_pretrained(location, local_files_only=True, **kwargs)
+        except Exception as err:
+            raise CorruptFileError(
+                where, f"The {subfolder or 'pipeline'} weights of model '{self.cfg.name}'", err,
+                f"The folder is on this machine, so one of its files is truncated, damaged or not in diffusers' "
+                f"format: download {self.cfg.hub_id or 'it'} again (e.g. `huggingface-cli download "
+                f"{self.cfg.hub_id or '<hub id>'} --local-dir <dir>`) and point model.path at it.") from err
 
     def provenance(self, sampler: Optional[Any] = None) -> dict:
         """Sampler facts that change numbers (lineage, scheduler, guidance convention, TF32...) under the run's

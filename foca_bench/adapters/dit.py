@@ -14,8 +14,10 @@ transformer call, in one of two lineages (`sampler.lineage`):
 """
 
 import contextlib
+import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -24,13 +26,14 @@ from tqdm import tqdm
 
 from foca_bench import ASSETS_DIR
 from foca_bench.adapters import register_adapter
-from foca_bench.adapters.base import Adapter, MissingWeightsError, feed_forward_parts
+from foca_bench.adapters.base import Adapter, MissingWeightsError, feed_forward_parts, not_a_multiple
 from foca_bench.adapters.dit_sampler import RespacedDDIM
 from foca_bench.hooks import CacheEngine, Site, first_token, hidden_states
 from methods.base import TokenLayout
 
 BUNDLED = {"toy_dit": ASSETS_DIR / "toy_dit"}
 MODULATION_BYTES = 256 << 20  # the most a generation's precomputed adaLN modulation tables hold at a time
+VAE_SCALE = 8  # the SD VAE DiT-XL/2 decodes with downsamples by 8
 
 
 def _modulated_input(block: nn.Module):
@@ -134,9 +137,23 @@ class DiTAdapter(Adapter):
             return str(BUNDLED[self.cfg.name])
         return str(self.cfg.hub_id)
 
+    @classmethod
+    def refuse(cls, model_cfg: Any, cache: Any) -> Optional[str]:
+        scale, patch = (VAE_SCALE if model_cfg.vae else 1), model_cfg.arch.patch_size
+        why = f"{model_cfg.name} ({f'{VAE_SCALE}x VAE' if model_cfg.vae else 'pixel space'}, patch {patch})"
+        wrong = not_a_multiple("model.resolution", model_cfg.resolution, scale * patch, why)
+        if wrong:
+            return wrong
+        if model_cfg.arch.sample_size * scale != model_cfg.resolution:
+            return (f"model.arch.sample_size={model_cfg.arch.sample_size} is the latent side of "
+                    f"{model_cfg.arch.sample_size * scale} px, but model.resolution={model_cfg.resolution}: set "
+                    "model.resolution alone (the latent side follows it).")
+        return None
+
     def _load_transformer(self) -> torch.nn.Module:
         location = self._weights_location()
-        if self.cfg.weights == "pretrained" and not self.has_local_weights(location, "transformer"):
+        config = self.local_file(location, "transformer/config.json")
+        if self.cfg.weights == "pretrained" and config is None:
             raise self._missing(location, "transformer")
         from diffusers import DiTTransformer2DModel
 
@@ -146,10 +163,22 @@ class DiTAdapter(Adapter):
         if self.cfg.weights == "random":
             torch.manual_seed(0)
             return DiTTransformer2DModel(**self.cfg.arch)
+        self._check_sample_size(config)
+        return self.from_pretrained(DiTTransformer2DModel, location, "transformer")
+
+    def _check_sample_size(self, config: Path) -> None:
+        """A checkpoint is trained at one resolution: refuses another one before loading it (a config.json that
+        does not parse is left to diffusers' loader, which names it)."""
         try:
-            return DiTTransformer2DModel.from_pretrained(location, subfolder="transformer", local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing(location, "transformer") from err
+            side = json.loads(config.read_text()).get("sample_size")
+        except (OSError, ValueError):
+            return
+        scale = VAE_SCALE if self.cfg.vae else 1
+        if side is not None and side * scale != self.cfg.resolution:
+            raise ValueError(f"model.resolution={self.cfg.resolution}, but the checkpoint {config} has sample_size "
+                             f"{side}: a {side * scale} px model. Set model.resolution={side * scale}, or point "
+                             f"model.path at the weights for {self.cfg.resolution} px (e.g. facebook/DiT-XL-2-512 "
+                             "for 512).")
 
     def _load_vae(self) -> Optional[torch.nn.Module]:
         from diffusers import AutoencoderKL
@@ -165,10 +194,9 @@ class DiTAdapter(Adapter):
                                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
             return vae.to(self.device, self.dtype).eval().requires_grad_(False)
         location = self._weights_location()
-        try:
-            vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing(location, "vae") from err
+        if not self.has_local_weights(location, "vae"):
+            raise self._missing(location, "vae")
+        vae = self.from_pretrained(AutoencoderKL, location, "vae")
         return vae.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def _missing(self, location: str, part: str) -> MissingWeightsError:
@@ -176,10 +204,11 @@ class DiTAdapter(Adapter):
             return MissingWeightsError(
                 f"The bundled {self.cfg.name} checkpoint is missing ({location}/{part}). Run `make toy-model` "
                 "to train it (see README), or set model.path to a copy.")
+        where = f"Download {self.cfg.hub_id} where you have network and set" if self.cfg.hub_id else "Set"
         return MissingWeightsError(
-            f"Weights of model '{self.cfg.name}' ({self.cfg.hub_id}) are not on this machine: no {part}/ under "
-            f"'{location}'. Download {self.cfg.hub_id} where you have network and set model.path=/path/to/copy "
-            "(a diffusers folder holding transformer/, vae/ and scheduler/), e.g. "
+            f"Weights of model '{self.cfg.name}'{f' ({self.cfg.hub_id})' if self.cfg.hub_id else ''} are not on this "
+            f"machine: no {part}/config.json under '{location}'. {where} model.path=/path/to/copy (a diffusers "
+            "folder holding transformer/, vae/ and scheduler/), e.g. "
             f"`python run.py model={self.cfg.name} model.path=/data/DiT-XL-2-256`. "
             "`profile=flops_only` needs no weights.")
 
@@ -213,7 +242,7 @@ class DiTAdapter(Adapter):
 
     # -- sampling --------------------------------------------------------------------------------------------
     def make_noise(self, seeds: list[int]) -> Tensor:
-        side = self.transformer.config.sample_size
+        side = self.transformer.config.sample_size  # = model.resolution / the VAE's 8 (`refuse`, `_check_sample_size`)
         shape = (1, self.latent_channels, side, side)
         if self.device.type == "meta":
             return torch.empty((len(seeds), *shape[1:]), device="meta", dtype=self.dtype)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from foca_bench.adapters import register_adapter
+from foca_bench.adapters.base import not_a_multiple
 from foca_bench.adapters.mmdit import MMDiTAdapter
 from foca_bench.hooks import CacheEngine
 
@@ -29,6 +30,11 @@ class FluxAdapter(MMDiTAdapter):
     tuple_arch_keys = ("axes_dims_rope",)
     text_first = True  # FLUX's blocks return (text, image)
     example_path = "/data/FLUX.1-dev"
+
+    @classmethod
+    def refuse(cls, model_cfg: Any, cache: Any) -> Optional[str]:
+        return not_a_multiple("model.resolution", model_cfg.resolution, VAE_SCALE * 2,
+                              "FLUX (8x VAE, latents packed in 2x2 patches)")
 
     def _random_vae(self) -> nn.Module:
         """A small random AutoencoderKL with FLUX's latent interface (16 channels, 8x downsampling, its scaling and
@@ -44,7 +50,7 @@ class FluxAdapter(MMDiTAdapter):
 
     # -- sampling --------------------------------------------------------------------------------------------
     def _latent_side(self) -> int:
-        return 2 * (self.cfg.resolution // (VAE_SCALE * 2))
+        return self.cfg.resolution // VAE_SCALE  # a multiple of 2 (`refuse`)
 
     def token_grid(self) -> tuple[int, int]:
         side = self._latent_side() // 2  # latents are packed in 2x2 patches

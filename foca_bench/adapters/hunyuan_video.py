@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from foca_bench.adapters import register_adapter
+from foca_bench.adapters.base import not_a_multiple
 from foca_bench.adapters.mmdit import MMDiTAdapter
 from foca_bench.hooks import CacheEngine
 
@@ -42,6 +43,20 @@ class HunyuanVideoAdapter(MMDiTAdapter):
     text_first = False  # HunyuanVideo's blocks return (image, text)
     single_attention_stand_in = staticmethod(_no_joint_attention)  # its single-block attention returns a pair
     example_path = "/data/HunyuanVideo"
+
+    @classmethod
+    def refuse(cls, model_cfg: Any, cache: Any) -> Optional[str]:
+        patch, patch_t = model_cfg.arch.patch_size, model_cfg.arch.patch_size_t
+        why = f"HunyuanVideo ({SPATIAL}x VAE, patch {patch})"
+        wrong = (not_a_multiple("model.resolution", model_cfg.resolution, SPATIAL * patch, why)
+                 or not_a_multiple("model.width", model_cfg.width, SPATIAL * patch, why))
+        step, frames = TEMPORAL * patch_t, model_cfg.frames
+        if wrong or (frames >= 1 and (frames - 1) % step == 0):
+            return wrong
+        below = max((frames - 1) // step * step + 1, 1)
+        nearest = f"are {below} or {below + step}" if below < frames else f"is {below}"
+        return (f"model.frames={frames}: HunyuanVideo's causal VAE keeps the first frame and compresses each {step} "
+                f"after it into one latent frame, so it takes 1 + {step}k frames; the nearest {nearest}.")
 
     def _load_pipeline(self) -> Any:
         pipe = super()._load_pipeline()

@@ -106,6 +106,9 @@ class TwoStreams:
         return (text, image) if self.text_first else (image, text)
 
 
+# what a pipeline folder holds besides transformer/ (FLUX.1-dev's and HunyuanVideo's diffusers layouts)
+PIPELINE_FILES = ("model_index.json", "scheduler/scheduler_config.json", "vae/config.json", "text_encoder/config.json",
+                  "text_encoder_2/config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json")
 QUERY_CHUNK = 1024  # queries per chunk of the probe's explicit attention map
 
 
@@ -259,7 +262,8 @@ class MMDiTAdapter(Adapter):
         self.transformer = self._load_transformer().eval().requires_grad_(False)  # first: fails fast without weights
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        self.transformer.to(dtype=self.dtype)  # also on the meta device, where a patch conv checks dtypes
+        if self.transformer.dtype != self.dtype:  # also on the meta device, where a patch conv checks dtypes
+            self.transformer.to(dtype=self.dtype)
         if self.device.type != "meta":
             self.transformer.to(self.device)
         self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
@@ -273,7 +277,7 @@ class MMDiTAdapter(Adapter):
 
     def _load_transformer(self) -> nn.Module:
         if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
-            raise self._missing("transformer")
+            raise self._missing("transformer/config.json")
         import diffusers
 
         cls = getattr(diffusers, self.transformer_class)
@@ -284,21 +288,17 @@ class MMDiTAdapter(Adapter):
         if self.cfg.weights == "random":
             torch.manual_seed(0)
             return cls(**arch)
-        try:
-            return cls.from_pretrained(self._location(), subfolder="transformer", torch_dtype=self.dtype,
-                                       local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing("transformer") from err
+        return self.from_pretrained(cls, self._location(), "transformer", torch_dtype=self.dtype)
 
     def _load_pipeline(self) -> Any:
         """Text encoders, tokenizers and VAE of the model's diffusers pipeline, around our transformer."""
         import diffusers
 
-        try:
-            pipe = getattr(diffusers, self.pipeline_class).from_pretrained(
-                self._location(), transformer=self.transformer, torch_dtype=self.dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise self._missing("text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ or vae") from err
+        absent = [name for name in PIPELINE_FILES if self.local_file(self._location(), name) is None]
+        if absent:
+            raise self._missing(", ".join(absent))
+        pipe = self.from_pretrained(getattr(diffusers, self.pipeline_class), self._location(),
+                                    transformer=self.transformer, torch_dtype=self.dtype)
         return pipe.to(self.device)
 
     def seeded_prompts(self, keys: list[int], text_dim: int) -> tuple[Tensor, Tensor, list[torch.Generator]]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from foca_bench.errors import MissingFileError  # noqa: F401  (benchmarks raise it)
 from foca_bench.samples import Sample, SampleStore
 
 BENCHMARKS: dict[str, type] = {}
@@ -30,10 +31,6 @@ def build_benchmark(cfg: Any, model_cfg: Any):
     if cfg.name not in BENCHMARKS:
         raise KeyError(f"Unknown benchmark {cfg.name!r}; registered: {', '.join(sorted(BENCHMARKS))}.")
     return BENCHMARKS[cfg.name](cfg, model_cfg)
-
-
-class MissingFileError(FileNotFoundError):
-    """A reference file or metric weight is not on this machine; the message says which and where to put it."""
 
 
 def require_file(path: Optional[str], what: str, key: str, how: str) -> Path:

@@ -3,7 +3,9 @@
 The prompts are VBench's own full-info list (`VBench_full_info.json`, shipped in the vbench package), in file
 order, keeping each prompt once and only the prompts tagged with a requested dimension (all 16: 944 prompts).
 Sample i is video `i % videos_per_prompt` of prompt `i // videos_per_prompt`, seed `seed + i`, written as
-`videos/<prompt>-<k>.mp4` (lossless RGB H.264), the names VBench's standard mode looks for. The evaluator runs in
+`videos/<prompt>-<k>.mp4` (lossless RGB H.264), the names VBench's standard mode looks for, or, for a prompt that
+is no safe file name (a custom list's `../x`, 300 characters), a renamed stem (`samples.prompt_stems`); the folder's
+`prompts.json` maps every file to its prompt, and the evaluator hands VBench each prompt's files. The evaluator runs in
 its own environment (`evaluation/vbench_score.py`); the record keeps each dimension's raw score and VBench's
 quality, semantic and total scores (percent) when every dimension of a group was evaluated.
 """
@@ -21,6 +23,7 @@ import torch
 from evaluation import metric
 from evaluation.vbench_score import DIMENSIONS, WEIGHTS, cache_dir, env_python, package_file, run_vbench, total_score
 from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
+from foca_bench.errors import CorruptFileError
 from foca_bench.samples import Sample, VideoStore, write_mp4
 
 
@@ -40,6 +43,25 @@ def check_readable(height: int, width: int, env_dir: Any = None) -> None:
                          f"decord said: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.stdout}")
 
 
+def read_full_info(path: Path) -> list[dict]:
+    """The entries of a VBench full-info file, checked before anything is generated: a JSON list of objects, each
+    with a non-empty `prompt_en` string and a `dimension` list. A file that does not parse raises
+    `CorruptFileError`; an entry that breaks the format raises ValueError; both name the file."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(path, "VBench's prompt list", err, "It must be UTF-8 JSON in the format of VBench's "
+                               "VBench_full_info.json (datasets/vbench.md); nothing was generated.") from err
+    if not isinstance(info, list):
+        raise ValueError(f"{path}: VBench's prompt list must be a JSON list of entries, not {type(info).__name__}.")
+    for i, entry in enumerate(info):
+        prompt = entry.get("prompt_en") if isinstance(entry, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip() or not isinstance(entry.get("dimension"), list):
+            raise ValueError(f"{path}: entry {i} ({str(entry)[:80]}) needs a non-empty `prompt_en` string and a "
+                             "`dimension` list, as in VBench_full_info.json (nothing was generated).")
+    return info
+
+
 @register_benchmark("vbench")
 class VBench(FileBenchmark):
     def preflight(self) -> None:
@@ -52,8 +74,8 @@ class VBench(FileBenchmark):
             raise MissingFileError(f"The VBench environment is not installed ({env_python(self.cfg.vbench_env)} is "
                                    "missing): run `make env-vbench` (nothing was generated).")
         path = self.cfg.prompts_path or str(package_file("VBench_full_info.json", self.cfg.vbench_env))
-        self.info = json.loads(require_file(path, "VBench's prompt list (VBench_full_info.json)", "prompts_path",
-                                            how).read_text())
+        self.info = read_full_info(require_file(path, "VBench's prompt list (VBench_full_info.json)", "prompts_path",
+                                                how))
         self.weights = cache_dir(self.cfg.vbench_cache_path)
         for dim in self.cfg.dimensions:
             for rel in WEIGHTS[dim]:
@@ -71,6 +93,9 @@ class VBench(FileBenchmark):
         wanted = set(self.cfg.dimensions)
         self.entries = [e for e in self.info if wanted & set(e["dimension"])]
         self.prompts = list(dict.fromkeys(e["prompt_en"] for e in self.entries))  # first occurrence order
+        if not self.prompts:
+            raise ValueError(f"{path} has no prompt tagged with any of benchmark.dimensions={list(wanted)} "
+                             "(nothing was generated).")
 
     def all_samples(self) -> list[Sample]:
         k = self.cfg.videos_per_prompt
@@ -106,11 +131,13 @@ class VBench(FileBenchmark):
         return torch.cat(rows).permute(0, 3, 1, 2) / 255
 
     def evaluate(self, store: VideoStore, device: str) -> dict:
-        generated = {s.prompt for s in store.samples}
-        info = [e for e in self.entries if e["prompt_en"] in generated]
+        videos: dict[str, list[str]] = {}
+        for s in store.samples:
+            videos.setdefault(s.prompt, []).append(str(store.path(s).resolve()))
+        info = [{**e, "video_list": videos[e["prompt_en"]]} for e in self.entries if e["prompt_en"] in videos]
         dims = [d for d in self.cfg.dimensions if any(d in e["dimension"] for e in info)]
         work = store.root / "vbench"
-        results = run_vbench(store.videos, info, dims, work, self.weights, device, self.cfg.vbench_env)
+        results = run_vbench(info, dims, work, self.weights, device, self.cfg.vbench_env)
         shutil.rmtree(work, ignore_errors=True)
         scores = {d: results[d]["score"] for d in dims}
         out = {d: metric(v, higher_is_better=True) for d, v in scores.items()}
