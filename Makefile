@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
+# tables (Markdown, LaTeX and records.csv) and figures, both from the records' DataFrame (foca_bench.results)
+REPORT := $(PY) -m foca_bench.tables && $(PY) -m foca_bench.figures
 
 .PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables flops-dit flops-flux flops-hunyuan bench clean-results
 
@@ -56,7 +58,7 @@ $(VB_ENV)/.installed: $(VENV)/.installed
 # one process), then the Table-3-shaped table (Markdown + LaTeX) and the figures from the records.
 demo: install
 	$(RUN) -m experiment=toy_dit
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 test: install env-vbench
 	$(PY) -m pytest -q
@@ -69,20 +71,20 @@ toy-model: install
 	$(PY) -m foca_bench.train_toy
 
 tables: install
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 # The paper's Table 3 rows on the real DiT-XL/2 architecture, FLOPs on the meta device (no weights needed).
 flops-dit: install
 	$(RUN) -m experiment=table3_dit
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 flops-flux: install
 	$(RUN) -m experiment=table1_flux
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 flops-hunyuan: install
 	$(RUN) -m experiment=table2_hunyuan
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 # Per-step latency figures (full vs skipped step per method) and FoCa N=5's latency/FLOPs speed-up ratio.
 bench: install

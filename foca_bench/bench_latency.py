@@ -73,11 +73,10 @@ def main() -> None:
 
 def bench(adapter, meta, cfg, batch: int, T: int, repeats: int) -> None:
     guidance = cfg.sampler.guidance_scale or cfg.model.guidance_scale
-    classes = max(cfg.model.num_classes, 1)
 
     def run(cache: dict, on=adapter, n: int = batch) -> list[tuple[float, bool]]:
         with TimedEngine(methods.build({"warmup": 1, **cache}), on.sites()) as engine:
-            on.generate(engine, torch.arange(n) % classes, on.make_noise(list(range(n))), T, guidance)
+            on.generate(engine, on.make_noise(list(range(n))), T, guidance, **on.example_conditions(n))
         return engine.step_times
 
     def step_median(cache: dict, full: bool) -> float:

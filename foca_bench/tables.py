@@ -1,40 +1,30 @@
 """Tables from records only: `python -m foca_bench.tables` (`make tables`).
 
-Writes, per (benchmark, model) group of records, a Markdown and a LaTeX table to `results/tables/`, shaped like
-the paper's Table 3 (Method | Latency | FLOPs | Speed | quality columns) with ↑/↓ markers as lm-eval's
-`make_table` does. Where the paper has a table for the model (`results/paper/<table>.yaml`, the paper's own
-numbers as labelled reference data), its rows come first in the paper's order, each of our columns sits beside
-the paper's and our value carries its difference to the paper's (relative for cost columns, absolute for
-quality). Every number of ours names the record it comes from; a row with no record shows `—`. Display names
-live here and nowhere else.
+Loads every record into one DataFrame (`foca_bench.results.load`), writes it whole to `results/tables/records.csv`,
+and per (benchmark, model) group a Markdown and a LaTeX table to `results/tables/`, shaped like the paper's Table 3
+(Method | Latency | FLOPs | Speed | quality columns) with ↑/↓ markers as lm-eval's `make_table` does. Where the
+paper has a table for the model (`results/paper/<table>.yaml`, the paper's own numbers as labelled reference data),
+its rows come first in the paper's order, each of our columns sits beside the paper's and our value carries its
+difference to the paper's (relative for cost columns, absolute for quality). A paper row shows the records of its
+run, `conf/row/<table>/<row>.yaml`. Every number of ours names the record it comes from; a row with no record
+shows `—`, a value the record lists under `faults` (NaN or infinite when measured) shows `non-finite`.
 """
 
 import argparse
-import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
 import yaml
 
-import methods
 from foca_bench import REPO_DIR
-from foca_bench.records import group_records
+from foca_bench.names import METRIC_NAMES, MODEL_NAMES
+from foca_bench.results import block, load, missing
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
-METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": "TaylorSeer", "foca": "FoCa",
-                "teacache": "TeaCache", "delta_dit": "Δ-DiT", "diffusers_taylorseer": "diffusers TaylorSeer",
-                "diffusers_fbcache": "diffusers FBCache", "diffusers_pab": "diffusers PAB", "toca": "ToCa",
-                "duca": "DuCa", "diffusers_magcache": "diffusers MagCache"}
-ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),
-                "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",)}  # as the paper's labels do
-MODEL_NAMES = {
-    "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
-    "dit_xl_2": "DiT-XL/2 256x256",
-    "flux": "FLUX.1-dev 1024x1024",
-    "hunyuan_video": "HunyuanVideo 480x640, 65 frames",
-}
 # column key -> (header, digits, higher_is_better, suffix); quality metrics add their own from the records
 COLUMNS = {
     "latency_s": ("Latency(s)", 3, False, ""),
@@ -42,62 +32,42 @@ COLUMNS = {
     "flops_T": ("FLOPs(T)", 4, False, ""),
     "flops_speedup": ("Speed", 2, True, "×"),
 }
-METRIC_NAMES = {"fid": "FID", "is": "IS", "class_acc": "Acc", "psnr": "PSNR", "ssim": "SSIM", "rel_l2": "RelL2",
-                "image_reward": "ImageReward", "clip_score": "CLIP", "vbench": "VBench(%)"}
+PROFILE_KEYS = {"latency_s": "latency_s", "latency_speedup": "latency_speedup", "flops": "flops_T",
+                "flops_speedup": "flops_speedup"}  # a `profile.<key>` fault marks this column
 METRIC_DIGITS = {"rel_l2": 4, "ssim": 4, "image_reward": 4}
 HIGHER_IS_BETTER = {"fid": False, "rel_l2": False}  # paper-only metrics default to ↑
+FAULT = "non-finite"
 
 
 @dataclass
 class Table:
-    """A rendered table: plain-text cells, rendered to Markdown or LaTeX."""
+    """A rendered table: string cells under their headers, a title and notes."""
 
     title: str
-    header: list[str]
-    rows: list[list[str]]
+    frame: pd.DataFrame
     notes: list[str] = field(default_factory=list)
 
 
-def label(record: dict) -> str:
-    """The row name: the paper's naming, plus every knob that differs from the method's defaults."""
-    method, cache = record["method"], record["config"]["cache"]
-    steps = record["config"]["sampler"]["steps"]
-    if method == "none":
-        return f"DDIM-{steps} steps"
-    name = METHOD_NAMES.get(method, method)
-    knobs = [f"N={cache['N']}"] if "N" in cache else []  # schedule-free methods have no N in their identity
-    if method == "foca" and cache.get("corrector") == "none":
-        name = "BDF2-only"
-    for key in _non_default_knobs(record, show_order=True):
-        if key != "corrector":
-            knobs.append(f"{key}={cache[key]}")
-    suffix = "" if steps == 50 else f", {steps} steps"
-    return f"{name} ({', '.join(knobs)}{suffix})"
+def values(r: pd.Series) -> dict[str, Optional[float]]:
+    """A record row's numbers by column key."""
+    out = {k: r.get(f"profile.{k}") for k in ("latency_s", "latency_speedup", "flops_speedup")}
+    flops = r.get("profile.flops")
+    out["flops_T"] = None if missing(flops) else flops / 1e12
+    out.update({k[len("metrics."):]: v for k, v in r.items() if k.startswith("metrics.")})
+    return {k: None if missing(v) else v for k, v in out.items()}
 
 
-def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
-    """Cache knobs of a record beyond N that differ from the method's defaults (`show_order`: also the knobs the
-    paper always names, e.g. TaylorSeer's order). Model-specific knobs (TeaCache's polynomial) are not knobs of
-    a row."""
-    cache = record["config"]["cache"]
-    cls = methods.get(record["method"])
-    defaults = {f.name: f.default for f in dataclasses.fields(cls.config_class)}
-    always = ALWAYS_SHOWN.get(record["method"], ()) if show_order else ()
-    knobs = [k for k, v in cache.items() if k not in ("name", "N", "warmup", "steps", *cls.model_specific)
-             and (v != defaults.get(k) or k in always)]
-    if "warmup" in cache and cache["warmup"] != record["config"]["model"]["warmup"]:
-        knobs.append("warmup")
-    return knobs
-
-
-def values(record: dict) -> dict[str, Optional[float]]:
-    """A record's numbers by column key."""
-    p = record["profile"]
-    out: dict[str, Optional[float]] = {
-        "latency_s": p.get("latency_s"), "latency_speedup": p.get("latency_speedup"),
-        "flops_T": p["flops"] / 1e12 if "flops" in p else None, "flops_speedup": p.get("flops_speedup"),
-    }
-    out.update({m: v["value"] for m, v in record.get("metrics", {}).items()})
+def faulted(r: pd.Series) -> set[str]:
+    """Column keys whose value the record lists under `faults`; non-finite samples taint every metric."""
+    out: set[str] = set()
+    for fault in r.get("faults") if isinstance(r.get("faults"), list) else []:
+        parts = fault["field"].split(".")
+        if parts[0] == "samples":
+            out |= {k[len("metrics."):] for k in r.index if k.startswith("metrics.")}
+        elif parts[0] == "metrics" and len(parts) > 1:
+            out.add(parts[1])
+        elif parts[0] == "profile" and len(parts) > 1 and parts[1] in PROFILE_KEYS:
+            out.add(PROFILE_KEYS[parts[1]])
     return out
 
 
@@ -109,49 +79,67 @@ def _fmt(value: Optional[float], digits: int = 3, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
-def _column(key: str, records: list[dict]) -> tuple[str, int, str]:
+def _column(key: str, higher_is_better: dict) -> tuple[str, int, str]:
     """(header with ↑/↓, digits, suffix) of a column key."""
     if key in COLUMNS:
         name, digits, up, suffix = COLUMNS[key]
     else:
-        up = next((r["metrics"][key]["higher_is_better"] for r in records if key in r.get("metrics", {})),
-                  HIGHER_IS_BETTER.get(key, True))
+        up = higher_is_better.get(key, HIGHER_IS_BETTER.get(key, True))
         name, digits, suffix = METRIC_NAMES.get(key, key), METRIC_DIGITS.get(key, 3), ""
     return f"{name} {'↑' if up else '↓'}", digits, suffix
 
 
-def _latest_by_label(records: list[tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
-    rows: dict[str, tuple[Path, dict]] = {}
-    for path, rec in sorted(records, key=lambda pr: pr[0].stat().st_mtime):
-        rows[label(rec)] = (path, rec)  # later records of the same row replace earlier ones
-    return rows
+def _metrics(group: pd.DataFrame) -> list[str]:
+    """The metric columns of a group: the known metrics any of its records has, in display order."""
+    present = {m for names in group["metric_names"] for m in names}
+    return [m for m in METRIC_NAMES if m in present]
 
 
-def _full_steps(rec: dict) -> str:
-    full = rec["samples"].get("full_steps")  # None: unknown (diffusers' hooks do not report it)
-    return f"{'—' if full is None else full}/{rec['samples']['steps']}"
+def _latest_by_label(group: pd.DataFrame) -> pd.DataFrame:
+    """The latest record of each row name, in the order the names first appear by modification time."""
+    by_time = group.sort_values("mtime", kind="stable")
+    order = by_time.drop_duplicates("label", keep="first")["label"]
+    return by_time.drop_duplicates("label", keep="last").set_index("label", drop=False).loc[order]
 
 
-def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:
-    """Our records only (a model the paper has no table for)."""
-    rows = _latest_by_label(records)
-    recs = [r for _, r in rows.values()]
-    keys = ["latency_s", "flops_T", "flops_speedup", "latency_speedup"]
-    keys += [m for m in METRIC_NAMES if any(m in r.get("metrics", {}) for r in recs)]
-    cols = [_column(k, recs) for k in keys]
-    header = ["Method", *(c[0] for c in cols[:4]), "Full steps", *(c[0] for c in cols[4:]), "Record"]
+def _full_steps(r: pd.Series) -> str:
+    full = r.get("samples.full_steps")  # missing: unknown (diffusers' hooks do not report it)
+    return f"{'—' if missing(full) else int(full)}/{int(r['samples.steps'])}"
 
-    def order(item):
-        rec = item[1][1]
-        return (rec["method"] != "none" or rec["config"]["sampler"]["steps"] != 50,
-                -rec["profile"].get("flops", 0.0), item[0])
+
+def _cells(r: Optional[pd.Series], keys: list[str], cols: dict, paper: Optional[dict] = None) -> list[str]:
+    """Our formatted value of each column key (with the paper's beside it where `paper` has the column)."""
+    v, bad = (values(r), faulted(r)) if r is not None else ({}, set())
+    cells = []
+    for k in keys:
+        _, digits, suffix = cols[k]
+        ours = FAULT if k in bad else _fmt(v.get(k), digits, suffix)
+        if paper is not None and k in paper["columns"]:
+            paper_value = paper["values"].get(k)
+            cells += [ours + _difference(v.get(k), paper_value, relative=k in COLUMNS),
+                      _fmt(paper_value, digits, suffix)]
+        else:
+            cells.append(ours)
+    return cells
+
+
+def build_table(group: pd.DataFrame, title: str = "") -> Table:
+    """Our records only (a model the paper has no table for): the latest record of each row name."""
+    rows = _latest_by_label(group)
+    keys = ["latency_s", "flops_T", "flops_speedup", "latency_speedup", *_metrics(rows)]
+    cols = {k: _column(k, group.attrs.get("higher_is_better", {})) for k in keys}
+    header = ["Method", *(cols[k][0] for k in keys[:4]), "Full steps", *(cols[k][0] for k in keys[4:]), "Record"]
+
+    def order(r: pd.Series) -> tuple:
+        flops = r.get("profile.flops")
+        return (r["method"] != "none" or r["config.sampler.steps"] != 50, -(0.0 if missing(flops) else flops),
+                r["label"])
 
     out = []
-    for name, (_, rec) in sorted(rows.items(), key=order):
-        v = values(rec)
-        cells = [_fmt(v.get(k), d, s) for k, (_, d, s) in zip(keys, cols)]
-        out.append([name, *cells[:4], _full_steps(rec), *cells[4:], f"`{rec['run_id']}`"])
-    return Table(title, header, out)
+    for _, r in sorted(rows.iterrows(), key=lambda item: order(item[1])):
+        cells = _cells(r, keys, cols)
+        out.append([r["label"], *cells[:4], _full_steps(r), *cells[4:], f"`{r['run_id']}`"])
+    return Table(title, pd.DataFrame(out, columns=header))
 
 
 def load_paper_tables(paper_dir: Path = PAPER_DIR) -> dict[str, dict]:
@@ -163,22 +151,24 @@ def load_paper_tables(paper_dir: Path = PAPER_DIR) -> dict[str, dict]:
     return tables
 
 
-def _lookup(record: dict, dotted: str) -> Any:
-    if dotted == "method":
-        return record["method"]
-    node: Any = record["config"]
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+@lru_cache(maxsize=None)
+def row_run(table: str, row: str, model: str) -> dict:
+    """What a paper row runs: `conf/row/<table>/<row>.yaml` composed with `model=<model>`, as the method, the step
+    count and the cache knobs of its identity."""
+    from foca_bench.config import compose, validate
+    from foca_bench.identity import identity
+
+    cfg = compose(f"model={model}", f"+row/{table}={row}")
+    ident = identity(cfg, validate(cfg))
+    return {"method": ident["cache"]["name"], "steps": ident["sampler"]["steps"],
+            "cache": {k: v for k, v in ident["cache"].items() if v is not None}}
 
 
-def matches(record: dict, match: Optional[dict]) -> bool:
-    """A record is a paper row's if every `match` key agrees and its other knobs are the method's defaults."""
-    if not match or any(_lookup(record, k) != v for k, v in match.items()):
-        return False
-    return all(f"cache.{k}" in match for k in _non_default_knobs(record))
+def matches(r: pd.Series, run: dict) -> bool:
+    """A record shows in a paper row if it has the row's method, step count and every cache knob of the row (its
+    other knobs at the method's defaults: the knobs must be equal as a whole)."""
+    return (r["method"] == run["method"] and r["config.sampler.steps"] == run["steps"]
+            and block(r, "config.cache") == run["cache"])
 
 
 def _difference(ours: Optional[float], paper: Optional[float], relative: bool) -> str:
@@ -189,54 +179,45 @@ def _difference(ours: Optional[float], paper: Optional[float], relative: bool) -
     return f" (Δ {ours - paper:+.3g})"
 
 
-def build_paper_table(paper: dict, records: list[tuple[Path, dict]], title: str = "") -> Table:
+def build_paper_table(paper: dict, group: pd.DataFrame, title: str = "") -> Table:
     """The paper's rows in its order, ours beside the paper's; our records matching no paper row follow."""
-    recs = [r for _, r in records]
     keys = list(paper["columns"])
     keys += [k for k in ("latency_s", "latency_speedup", "flops_T", "flops_speedup") if k not in keys]
-    keys += [m for m in METRIC_NAMES if m not in keys and any(m in r.get("metrics", {}) for r in recs)]
-    cols = {k: _column(k, recs) for k in keys}
+    keys += [m for m in _metrics(group) if m not in keys]
+    cols = {k: _column(k, group.attrs.get("higher_is_better", {})) for k in keys}
     header = ["Method"]
     for k in keys:
         header += [f"{cols[k][0]} (ours)", f"{cols[k][0]} (paper)"] if k in paper["columns"] else [cols[k][0]]
     header += ["Full steps", "Record"]
 
+    def tail(r: Optional[pd.Series]) -> list[str]:
+        return [_full_steps(r), f"`{r['run_id']}`"] if r is not None else ["—", "paper only"]
+
     used: set[int] = set()
     out = []
-
-    def row_cells(rec: Optional[dict], paper_values: dict) -> list[str]:
-        v = values(rec) if rec else {}
-        cells = []
-        for k in keys:
-            _, digits, suffix = cols[k]
-            ours = _fmt(v.get(k), digits, suffix)
-            if k in paper["columns"]:
-                ours += _difference(v.get(k), paper_values.get(k), relative=k in COLUMNS)
-                cells += [ours, _fmt(paper_values.get(k), digits, suffix)]
-            else:
-                cells.append(ours)
-        cells += [_full_steps(rec) if rec else "—", f"`{rec['run_id']}`" if rec else "paper only"]
-        return cells
-
     for prow in paper["rows"]:
-        found = [(p, r) for p, r in records if matches(r, prow["match"])]
-        rec = max(found, key=lambda pr: pr[0].stat().st_mtime)[1] if found else None
-        used.update(id(r) for _, r in found)
-        out.append([prow["label"], *row_cells(rec, prow["paper"])])
-    rest = [(p, r) for p, r in records if id(r) not in used]
-    for name, (_, rec) in _latest_by_label(rest).items():
-        out.append([f"{name} (ours only)", *row_cells(rec, {})])
+        run = row_run(paper["table"], prow["row"], paper["model"]) if prow["row"] else None
+        found = group[[matches(r, run) for _, r in group.iterrows()]] if run else group.iloc[:0]
+        r = found.sort_values("mtime", kind="stable").iloc[-1] if len(found) else None
+        used.update(found.index)
+        out.append([prow["label"], *_cells(r, keys, cols, {"columns": paper["columns"], "values": prow["paper"]}),
+                    *tail(r)])
+    for name, r in _latest_by_label(group.drop(index=list(used))).iterrows():
+        out.append([f"{name} (ours only)", *_cells(r, keys, cols, {"columns": paper["columns"], "values": {}}),
+                    *tail(r)])
     notes = [f"Paper columns: {paper['source']} ({paper['title']}), from `{paper['path'].relative_to(REPO_DIR)}`; "
              "the paper's own numbers, not produced by foca-bench. Our cells show (ours - paper) in brackets: "
              "relative for cost columns, absolute for quality."]
     if paper.get("note"):
         notes.append(paper["note"])
-    return Table(title, header, out, notes)
+    return Table(title, pd.DataFrame(out, columns=header), notes)
 
 
 def to_markdown(table: Table) -> str:
-    lines = [f"## {table.title}", "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+    """GitHub Markdown (pandas' `to_markdown` needs `tabulate`, which the project does not depend on)."""
+    header = list(table.frame.columns)
+    lines = [f"## {table.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table.frame.itertuples(index=False)]
     return "\n".join(lines + [""] + table.notes) + "\n"
 
 
@@ -244,51 +225,50 @@ _LATEX = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "↑": r"$
           "×": r"$\times$", "Δ": r"$\Delta$", "—": "--", "α": r"$\alpha$", "∞": r"$\infty$", "`": "", "→": r"$\to$"}
 
 
-def _tex(text: str) -> str:
-    return "".join(_LATEX.get(ch, ch) for ch in text)
+def _tex(text: Any) -> str:
+    return "".join(_LATEX.get(ch, ch) for ch in str(text))
 
 
 def to_latex(table: Table) -> str:
-    """A booktabs table (`\\usepackage{booktabs}`)."""
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", f"\\caption{{{_tex(table.title)}}}",
-             r"\begin{tabular}{l" + "r" * (len(table.header) - 1) + "}", r"\toprule",
-             " & ".join(_tex(h) for h in table.header) + r" \\", r"\midrule"]
-    lines += [" & ".join(_tex(c) for c in row) + r" \\" for row in table.rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {_tex(note)}" for note in table.notes]
-    return "\n".join(lines + [r"\end{table}"]) + "\n"
+    """A booktabs table (`\\usepackage{booktabs}`), laid out by pandas' `to_latex`; notes as comments."""
+    frame = table.frame.map(_tex).rename(columns=_tex)
+    body = frame.to_latex(index=False, escape=False, column_format="l" + "r" * (frame.shape[1] - 1),
+                          caption=_tex(table.title), position="t")
+    notes = "".join(f"% {_tex(note)}\n" for note in table.notes)
+    return body.replace("\\end{table}\n", notes + "\\end{table}\n")
 
 
-def _latency_note(results_dir: Path, benchmark: str, model: str, first: dict) -> str:
-    lat = first["profile"].get("latency_detail", {})
+def _latency_note(results_dir: Path, benchmark: str, model: str, first: pd.Series) -> str:
     where = f"`{results_dir}/{benchmark}/{model}/<method>/<Record>.json`"
-    if not lat:
+    if missing(first.get("profile.latency_detail.repeats")):
         return f"FLOPs: one sample's whole generation (FlopCounterMode). Each row's numbers come from {where}."
-    return (f"Latency: median of {lat.get('repeats')} runs of a batch of {lat.get('batch_size')} on "
-            f"{first['device']} after warm-up, interleaved with DDIM-50; FLOPs: one sample's whole generation "
-            f"(FlopCounterMode). Speed = FLOPs speed-up against DDIM-50 in the same process. Each row's numbers "
-            f"come from {where}.")
+    return (f"Latency: median of {int(first['profile.latency_detail.repeats'])} runs of a batch of "
+            f"{int(first['profile.latency_detail.batch_size'])} on {first['device']} after warm-up, interleaved with "
+            f"DDIM-50; FLOPs: one sample's whole generation (FlopCounterMode). Speed = FLOPs speed-up against DDIM-50 "
+            f"in the same process. Each row's numbers come from {where}.")
 
 
 def write_tables(results_dir: Path, out_dir: Path, paper_dir: Path = PAPER_DIR) -> list[Path]:
-    """Markdown and LaTeX per (benchmark, model) group of records; returns the Markdown paths."""
-    groups = group_records(results_dir)
+    """`records.csv` (every record, one row each) and a Markdown and a LaTeX table per (benchmark, model) group;
+    returns the Markdown paths."""
+    df = load(results_dir)
     papers = load_paper_tables(paper_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df.drop(columns=["metric_names"]).to_csv(out_dir / "records.csv", index=False)
     written = []
-    for (benchmark, model), records in groups.items():
+    for (benchmark, model), group in df.groupby(["benchmark", "model"], sort=True):
         title = f"{benchmark} on {MODEL_NAMES.get(model, model)}"
         if model in papers:
-            table = build_paper_table(papers[model], records, f"{title} (paper {papers[model]['table']})")
+            table = build_paper_table(papers[model], group, f"{title} (paper {papers[model]['table']})")
         else:
-            table = build_table(records, title)
-        table.notes.append(_latency_note(results_dir, benchmark, model, records[0][1]))
+            table = build_table(group, title)
+        table.notes.append(_latency_note(results_dir, benchmark, model, group.iloc[0]))
         out = out_dir / f"{benchmark}_{model}.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(to_markdown(table))
         out.with_suffix(".tex").write_text(to_latex(table))
         written.append(out)
         print(to_markdown(table))
-    if not groups:
+    if df.empty:
         print(f"No records under {results_dir}: run `python run.py ...` first.")
     return written
 
@@ -297,15 +277,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument("--out", type=Path, default=None, help="default: <results>/tables")
-    parser.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
-                        help="also draw the figures (foca_bench.figures)")
     args = parser.parse_args()
-    out = args.out or args.results / "tables"
-    write_tables(args.results, out)
-    if args.figures:
-        from foca_bench.figures import write_figures
-
-        write_figures(args.results, args.results / "figures")
+    write_tables(args.results, args.out or args.results / "tables")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ class CacheMethod(ABC):
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
     tokenwise: ClassVar[bool] = False  # recomputes selected tokens at partial steps (`select`, `update_tokens`)
     external: ClassVar[bool] = False  # run by diffusers' own hooks (foca_bench.external), not by our engine
-    # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
+    # knobs that depend on the model (set by conf/model_method/<model>_<name>.yaml); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model
 

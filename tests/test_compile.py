@@ -11,7 +11,7 @@ import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine, compile_sites
-from foca_bench.runner import identity
+from foca_bench.identity import identity
 from tests.conftest import TINY_FLUX, make_cfg
 
 STEPS = 8
@@ -19,7 +19,7 @@ STEPS = 8
 
 def _generate(adapter, cache, seed):
     with CacheEngine(methods.build(cache), adapter.sites()) as engine:
-        return adapter.generate(engine, torch.tensor([0]), adapter.make_noise([seed]), STEPS, 3.5)
+        return adapter.generate(engine, adapter.make_noise([seed]), STEPS, 3.5, class_labels=torch.tensor([0]))
 
 
 @pytest.mark.parametrize("cache", [{"name": "none"}, {"name": "foca", "N": 3, "warmup": 2},

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from foca_bench import REPO_DIR
-from foca_bench.records import claim, iter_records, record_path
+from foca_bench.records import claim, record_files, record_path
 from foca_bench.runner import run
 from tests.conftest import TINY, make_cfg
 from tests.wandb_log import logged
@@ -29,7 +29,7 @@ def _multirun(tmp_path, *overrides):
 def test_submitit_local_multirun_records_every_cell_and_a_rerun_skips_them(tmp_path):
     cells = "method=none,fora,taylorseer,foca"
     _multirun(tmp_path, cells, "cache.N=2")
-    records = {r["method"]: (p, r) for p, r in iter_records(tmp_path)}
+    records = {r["method"]: (p, r) for p in record_files(tmp_path) for r in [json.loads(p.read_text())]}
     assert set(records) == {"none", "fora", "taylorseer", "foca"}
     for method, (path, rec) in records.items():  # every job wrote a complete record of its own cell
         assert rec["config"]["cache"]["name"] == method and "fid" in rec["metrics"] and rec["profile"]["flops"] > 0
@@ -38,7 +38,7 @@ def test_submitit_local_multirun_records_every_cell_and_a_rerun_skips_them(tmp_p
     assert {m: p.stat().st_mtime_ns for m, (p, _) in records.items()} == mtimes
     logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*.log"))
     assert logs.count("Record exists, skipping") == 4
-    assert len(list(iter_records(tmp_path))) == 4
+    assert len(record_files(tmp_path)) == 4
 
 
 def test_a_cell_claimed_by_a_live_job_is_skipped_and_a_dead_jobs_claim_is_taken_over(tmp_path):
@@ -84,6 +84,6 @@ def test_wandb_offline_run_directory_holds_the_metrics_and_the_table(tmp_path):
     assert set(tables) == {"row", "table"}
     assert tables["table"]["data"][0][-1] == f"`{record['run_id']}`" and "FID ↓" in tables["table"]["columns"]
     assert list(run_dir.glob("files/media/images/*.png"))  # the sample grid
-    from foca_bench.records import run_id
+    from foca_bench.identity import run_id
 
     assert run_id(record["config"]) == record["run_id"] == run_id({**record["config"], "logger": {"name": "none"}})

@@ -81,15 +81,14 @@ class DiTAdapter(Adapter):
         self.null_class = cfg.num_classes  # diffusers' LabelEmbedding appends the CFG null class last
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def _weights_location(self) -> str:
-        if self.cfg.path:
-            return str(self.cfg.path)
-        if self.cfg.name in BUNDLED:
-            return str(BUNDLED[self.cfg.name])
-        return str(self.cfg.hub_id)
+    @classmethod
+    def weights_location(cls, cfg: Any) -> str:
+        if not cfg.path and cfg.name in BUNDLED:
+            return str(BUNDLED[cfg.name])
+        return super().weights_location(cfg)
 
     def _load_transformer(self) -> torch.nn.Module:
-        location = self._weights_location()
+        location = self.weights_location(self.cfg)
         if self.cfg.weights == "pretrained" and not self.has_local_weights(location, "transformer"):
             raise self._missing(location, "transformer")
         from diffusers import DiTTransformer2DModel
@@ -118,7 +117,7 @@ class DiTAdapter(Adapter):
                                 norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
             return vae.to(self.device, self.dtype).eval().requires_grad_(False)
-        location = self._weights_location()
+        location = self.weights_location(self.cfg)
         try:
             vae = AutoencoderKL.from_pretrained(location, subfolder="vae", local_files_only=True)
         except (OSError, ValueError) as err:
@@ -171,12 +170,12 @@ class DiTAdapter(Adapter):
         return torch.cat(noise).to(self.device, self.dtype)  # (B, C, H, W), identical on every device
 
     @torch.inference_mode()
-    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False) -> Tensor:
+    def generate(self, engine: CacheEngine, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False, *, class_labels: Tensor) -> Tensor:
         cfg = guidance_scale > 1.0
         engine.reset(batched_cfg=cfg)  # every generation starts from a clean cache
         self.scheduler.set_timesteps(steps)
-        labels = labels.to(self.device)
+        labels = class_labels.to(self.device)  # (B,)
         if cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.null_class)])  # (2B,)
         x = noise
