@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := $(PY) run.py
+# tables (Markdown, LaTeX and records.csv) and figures, both from the records' DataFrame (foca_bench.results)
+REPORT := $(PY) -m foca_bench.tables && $(PY) -m foca_bench.figures
 
 .PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables readings flops-dit flops-flux \
 	flops-hunyuan bench gpu-wheels gpu-check clean-results
@@ -57,7 +59,7 @@ $(VB_ENV)/.installed: $(VENV)/.installed
 # one process), then the Table-3-shaped table (Markdown + LaTeX) and the figures from the records.
 demo: install
 	$(RUN) -m experiment=toy_dit
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 test: install env-vbench
 	$(PY) -m pytest -q
@@ -70,7 +72,7 @@ toy-model: install
 	$(PY) -m foca_bench.train_toy
 
 tables: install
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 # FoCa's readings (cache.reading=ours|cachedit|lab) beside FORA and TaylorSeer O=1/2 on toy_dit, open loop (replayed
 # traces) and closed loop (generations) at N=3/5/7 and warmup 1/2: results/readings/readings.{md,json,png}, the
@@ -83,15 +85,15 @@ readings: install
 # latency) is `python run.py -m experiment=<table>` with weights and reference files: docs/sweeps.md.
 flops-dit: install
 	$(RUN) -m experiment=table3_dit profile=flops_only
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 flops-flux: install
 	$(RUN) -m experiment=table1_flux profile=flops_only '+row/table1_flux=glob(*,exclude=[teacache_*,dbcache_*])'
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 flops-hunyuan: install
 	$(RUN) -m experiment=table2_hunyuan profile=flops_only '+row/table2_hunyuan=glob(*,exclude=[teacache_*])'
-	$(PY) -m foca_bench.tables
+	$(REPORT)
 
 # Latency on the CPU, one table and one record (results/bench/): per model (toy_dit batch 16, DiT-XL/2 at batch 2
 # with random weights, tiny FLUX), eager and compiled, full and skipped step per method, projected and measured

@@ -6,7 +6,8 @@ configuration through `foca_bench.runner.run`, and writes its record under `resu
 reason when the sweep ends (`foca_bench.sweeps`) and the exit status is 1.
 
 A bad input (a config value, a missing or corrupt file) ends a single run with one message naming the key or file
-and exit status 2; anything else is a bug and shows its traceback.
+and exit status 2; a run whose samples or metrics are NaN or infinite writes them as null under the record's
+`faults` and exits 3; anything else is a bug and shows its traceback.
 """
 
 import logging
@@ -32,7 +33,7 @@ def main(cfg: DictConfig) -> dict:
 
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return run(cfg)
+        record = run(cfg)
     except INPUT_ERRORS as err:
         log.error(str(err))
         if not sweep:
@@ -44,6 +45,15 @@ def main(cfg: DictConfig) -> dict:
             raise
         log.exception(f"The cell failed: {type(err).__name__}: {err}")
         return failed(f"{type(err).__name__}: {err} (traceback in the cell's log)")
+    if record.get("faults"):
+        message = (f"run {record['run_id']} produced non-finite values, recorded as null: "
+                   f"{', '.join(f['field'] for f in record['faults'])}")
+        log.error(message)
+        if sweep:  # not an exit: the sweep finishes its other cells, lists this one as failed and exits 1
+            return failed(message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(3)
+    return record
 
 
 if __name__ == "__main__":

@@ -103,8 +103,7 @@ class Bench:
         meta_cfg = compose(*model.overrides, "model.weights=meta")
         self.meta = build_adapter(meta_cfg.model, "meta")
         self.warmup = self.cfg.model.warmup
-        classes = max(self.cfg.model.num_classes, 1)
-        self.labels = torch.arange(model.batch) % classes
+        self.conditions = self.adapter.example_conditions(model.batch)  # class labels 0.. or example prompts
         self.noise = self.adapter.make_noise(list(range(model.batch)))
         self.guidance = self.cfg.sampler.guidance_scale or self.cfg.model.guidance_scale
         self.device = torch.device(args.device)
@@ -120,7 +119,8 @@ class Bench:
             engine.step = _timed(engine.step, times, self.device, lambda i: is_full(cache, i, steps))
         with engine:
             noise = self.noise if on is None else adapter.make_noise(list(range(n)))
-            adapter.generate(engine, self.labels, noise, steps, self.guidance)
+            conditions = self.conditions if on is None else adapter.example_conditions(n)
+            adapter.generate(engine, noise, steps, self.guidance, **conditions)
 
     # -- FLOPs -----------------------------------------------------------------------------------------------
     def flops(self, rows: list[str]) -> dict:

@@ -4,8 +4,8 @@ MagCache skips the block stack by the ratio of successive residual magnitudes, w
 its sampler. This runs full-compute generations (`calibrate.samples` samples, seeds 0..n-1), takes the residual
 of the whole block stack (last block's output minus first block's input) at every step, and records per step
 ratio_i = mean over tokens of ||r_i|| / (||r_{i-1}|| + 1e-8) (1.0 at step 0), MagCache's own calibration formula,
-averaged over the samples. It prints the YAML for the model's `method_defaults.diffusers_magcache` and writes
-`results/calibration/magcache_<model>.json`. Any `run.py` override applies (`model.path=...`,
+averaged over the samples. It prints the YAML of `conf/model_method/<model>_diffusers_magcache.yaml` and
+writes `results/calibration/magcache_<model>.json`. Any `run.py` override applies (`model.path=...`,
 `sampler.steps=...`); extra knob: `+calibrate.samples=8`. diffusers' own calibration mode
 (`MagCacheConfig(calibrate=True)`) gives the same numbers (tests/test_diffusers_hooks.py compares them).
 """
@@ -23,7 +23,7 @@ from foca_bench.hooks import CacheEngine, hidden_states
 from foca_bench.records import write_calibration
 
 
-def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds: list[int], num_classes: int,
+def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds: list[int],
                      guided_channels: Optional[int] = None, lineage: str = "diffusers") -> list[float]:
     """Per-step magnitude ratios of the block stack's residual, averaged over one generation per seed."""
     blocks = adapter.transformer.transformer_blocks
@@ -38,9 +38,8 @@ def magnitude_ratios(adapter: Adapter, steps: int, guidance_scale: float, seeds:
             for seed in seeds:
                 inputs.clear()
                 outputs.clear()
-                labels = torch.tensor([seed % max(num_classes, 1)])
-                adapter.generate(engine, labels, adapter.make_noise([seed]), steps, guidance_scale, guided_channels,
-                                 lineage=lineage)
+                adapter.generate(engine, adapter.make_noise([seed]), steps, guidance_scale, guided_channels,
+                                 lineage=lineage, **adapter.example_conditions(1, start=seed))
                 norms = [torch.linalg.norm((out - inp).float(), dim=-1) for inp, out in zip(inputs, outputs)]
                 per_seed.append([1.0] + [(new / (old + 1e-8)).mean().item() for old, new in zip(norms, norms[1:])])
     finally:
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> dict:
     validate(cfg)
     adapter = build_adapter(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
     ratios = magnitude_ratios(adapter, cfg.sampler.steps, cfg.sampler.guidance_scale, list(range(knobs["samples"])),
-                              cfg.model.num_classes, cfg.sampler.guided_channels, cfg.sampler.lineage)
+                              cfg.sampler.guided_channels, cfg.sampler.lineage)
     model = cfg.model.name
     result = {"model": model, "overrides": overrides, "samples": knobs["samples"], "steps": cfg.sampler.steps,
               "mag_ratios": ratios}

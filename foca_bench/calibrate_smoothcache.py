@@ -4,8 +4,8 @@ As the official `CalibrationHelper` (Roblox/SmoothCache, SmoothCache/calibration
 full-compute generation of a batch (`calibrate.samples` samples, seeds 0..n-1, class s % C), recording every
 attention, MLP and fused site's output at every step; for each lookahead j = 1..`calibrate.lookahead` (3) the
 relative L1 error between a site's output at step i and at step i + j, ||F_i - F_{i+j}||_1 / ||F_{i+j}||_1 over the
-whole batch; averaged over the sites of each layer type (`attn`, `mlp`, ...). It prints the YAML for the model's
-`method_defaults.smoothcache.errors` and writes `results/calibration/smoothcache_<model>.json`. Any `run.py`
+whole batch; averaged over the sites of each layer type (`attn`, `mlp`, ...). It prints the contents of
+`conf/model_method/<model>_smoothcache.yaml` and writes `results/calibration/smoothcache_<model>.json`. Any `run.py`
 override applies (`model.path=...`, `sampler.steps=...`); extra knobs: `+calibrate.samples=8 +calibrate.lookahead=3`.
 """
 
@@ -66,10 +66,10 @@ def measure(overrides: list[str], samples: int, lookahead: int) -> tuple[dict[st
     validate(cfg)
     adapter = build_adapter(cfg.model, "cuda" if torch.cuda.is_available() else "cpu")
     recorder = _Recorder(lookahead)
-    labels = torch.arange(samples) % max(cfg.model.num_classes, 1)
     with CacheEngine(recorder, adapter.sites()) as engine:
-        adapter.generate(engine, labels, adapter.make_noise(list(range(samples))), cfg.sampler.steps,
-                         cfg.sampler.guidance_scale, cfg.sampler.guided_channels, progress=True)
+        adapter.generate(engine, adapter.make_noise(list(range(samples))), cfg.sampler.steps,
+                         cfg.sampler.guidance_scale, cfg.sampler.guided_channels, progress=True,
+                         **adapter.example_conditions(samples))
     return recorder.averaged(), cfg.model.name, cfg.sampler.steps
 
 
@@ -83,12 +83,12 @@ def main(argv: list[str]) -> dict:
     out = Path("results/calibration") / f"smoothcache_{model}.json"
     atomic_write_json(out, result)
     print(f"SmoothCache errors for {model}: {steps} steps, one batch of {knobs['samples']} samples, lookahead "
-          f"{knobs['lookahead']} (written to {out}). For conf/model/{model}.yaml:\n")
-    print("method_defaults:\n  smoothcache:\n    errors:")
+          f"{knobs['lookahead']} (written to {out}). For conf/model_method/{model}_smoothcache.yaml:\n")
+    print("# @package cache\nerrors:")
     for kind, rows in errors.items():
-        print(f"      {kind}:")
+        print(f"  {kind}:")
         for row in rows:
-            print("        - [" + ", ".join(f"{e:.4g}" for e in row) + "]")
+            print("    - [" + ", ".join(f"{e:.4g}" for e in row) + "]")
     return result
 
 

@@ -4,7 +4,7 @@ TeaCache decides from the relative L1 change of the first block's modulated inpu
 the change of the model's output, y_i; the polynomial p with y ~ p(x) rescales one into the other. This runs
 full-compute generations (every step computed, `calibrate.samples` samples from the benchmark's seeds rule),
 records x_i and y_i at every step i >= 1, fits `numpy.polyfit(x, y, calibrate.degree)` and prints the
-coefficients (highest degree first) as the YAML to put under the model's `method_defaults.teacache`, with the
+coefficients (highest degree first) as the YAML of `conf/model_method/<model>_teacache.yaml`, with the
 fit's R^2. Any `run.py` override applies (`model.path=...`, `sampler.steps=...`); extra knobs:
 `+calibrate.samples=8 +calibrate.degree=4`. The fit is also written to
 `results/calibration/teacache_<model>.json`.
@@ -60,9 +60,9 @@ def measure(overrides: list[str], samples: int) -> tuple[np.ndarray, np.ndarray,
         with CacheEngine(method, adapter.sites()) as engine:
             for s in range(samples):
                 outputs.clear()
-                labels = torch.tensor([s % max(cfg.model.num_classes, 1)])
-                adapter.generate(engine, labels, adapter.make_noise([s]), cfg.sampler.steps, cfg.sampler.guidance_scale,
-                                 cfg.sampler.guided_channels, lineage=cfg.sampler.lineage)
+                adapter.generate(engine, adapter.make_noise([s]), cfg.sampler.steps, cfg.sampler.guidance_scale,
+                                 cfg.sampler.guided_channels, lineage=cfg.sampler.lineage,
+                                 **adapter.example_conditions(1, start=s))
                 xs += method.changes
                 ys += [relative_l1(new, old) for old, new in zip(outputs, outputs[1:])]
     finally:

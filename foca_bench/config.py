@@ -2,8 +2,10 @@
 
 Composition against these dataclasses turns a typo (`sampler.stpes=5`), a wrong type (`sampler.steps=abc`) or
 an unknown group option (`method=focaa`) into an error before any weights load. Method schemas are registered
-by `methods.register` (group `schema/method`); `validate` runs the cross-field checks of each method's
-`__post_init__` and the cross-group ones (a Taylor order the schedule cannot support, ...).
+by `methods.register` (group `schema/method`), benchmark schemas by `foca_bench.benchmarks.register_benchmark`
+(group `benchmark`); `validate` runs the cross-field checks of each method's `__post_init__` and the cross-group
+ones (a Taylor order the schedule cannot support, ...). Settings that depend on the model and the method together
+(TeaCache's polynomial) are Hydra specializing configs, `conf/model_method/<model>_<method>.yaml`.
 """
 
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 import methods
+from foca_bench.benchmarks import BenchmarkConfig
 from methods.base import CacheConfig
 
 
@@ -29,8 +32,6 @@ class ModelConfig:
             memory, FLOP counting only).
         warmup: the model's default `cache.warmup`.
         lineage: the model's default `sampler.lineage`.
-        method_defaults: settings that depend on the model and the method together, by method name (e.g.
-            `teacache: {coefficients: [...]}`); they fill the method's unset (null or empty) `cache.*` fields.
         text_tokens: prompt length in tokens of a text-conditioned model (FLUX's T5 `max_sequence_length`).
         size: `full` (the paper's architecture) or `tiny`: the same diffusers classes at a small width, with
             random weights (`weights=pretrained` becomes `random`), so the whole pipeline (VAE decode included)
@@ -63,7 +64,6 @@ class ModelConfig:
     dtype: str = "float32"
     arch: Dict[str, Any] = field(default_factory=dict)
     scheduler: Dict[str, Any] = field(default_factory=dict)
-    method_defaults: Dict[str, Any] = field(default_factory=dict)
     precompute_conditioning: bool = True
     text_tokens: int = 0
     size: str = "full"
@@ -130,129 +130,6 @@ class SamplerConfig:
     guidance_scale: Optional[float] = None
     lineage: Optional[str] = None
     guided_channels: Optional[int] = None
-
-
-@dataclass
-class BenchmarkConfig:
-    """Attributes:
-    samples_per_class: K samples per class, each from its own seed `seed + global index`.
-    batch_size: generation batch (the CFG batch is twice as large).
-    """
-
-    name: str = MISSING
-    samples_per_class: int = 20
-    batch_size: int = 100
-    seed: int = 0
-
-
-# benchmark keys that do not define a run (dropped from its identity): how work is split and batched for metrics;
-# keys ending in `_path` (where reference files and metric weights are on this machine) are dropped too
-LOCAL_BENCHMARK_KEYS = ("shard", "num_shards", "metric_batch_size", "image_reward_env", "vbench_env")
-
-
-@dataclass
-class FileBenchmarkConfig(BenchmarkConfig):
-    """A benchmark whose samples are files on disk (`foca_bench.samples`).
-
-    Attributes:
-        limit: generate and score only the first `limit` samples of the list (smoke runs); null: all of them.
-        shard, num_shards: this job's share of the fixed batch grid; null takes the launcher's rank and world size
-            (torchrun's RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS), else one shard.
-        metric_batch_size: batch of the metric networks.
-    """
-
-    limit: Optional[int] = None
-    shard: Optional[int] = None
-    num_shards: Optional[int] = None
-    metric_batch_size: int = 32
-
-
-@dataclass
-class ImageNetFIDConfig(FileBenchmarkConfig):
-    """`benchmark=imagenet_fid`: `samples_per_class` x `model.num_classes` samples; sample i is class i % C.
-
-    Attributes:
-        reference_path: ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`: `arr_0` uint8 NHWC).
-        inception_path: torch-fidelity's Inception-v3 weights; null: torch-fidelity's own cache location.
-        isc_splits: Inception Score splits (ADM: 10).
-    """
-
-    name: str = "imagenet_fid"
-    samples_per_class: int = 50
-    batch_size: int = 25
-    reference_path: Optional[str] = None
-    inception_path: Optional[str] = None
-    isc_splits: int = 10
-
-
-@dataclass
-class DrawBenchConfig(FileBenchmarkConfig):
-    """`benchmark=drawbench`: DrawBench's 200 prompts (Saharia et al., arXiv:2205.11487), ImageReward and CLIP score.
-
-    Attributes:
-        prompts_path: the DrawBench CSV (columns `Prompts`, `Category`); see datasets/drawbench.md.
-        images_per_prompt: samples per prompt (sample i is prompt i // images_per_prompt).
-        metrics: which of `image_reward`, `clip_score` to compute.
-        clip_model: open_clip architecture name; clip_path: its local checkpoint; clip_config_path: a JSON model
-            config to register first (a custom architecture), else null.
-        image_reward_path, image_reward_med_config_path: `ImageReward.pt` and `med_config.json`.
-        image_reward_env: the overlay environment the ImageReward worker runs in (null: `.envs/imagereward`).
-    """
-
-    name: str = "drawbench"
-    batch_size: int = 4
-    images_per_prompt: int = 1
-    metrics: List[str] = field(default_factory=lambda: ["image_reward", "clip_score"])
-    prompts_path: Optional[str] = None
-    clip_model: str = "ViT-L-14"
-    clip_path: Optional[str] = None
-    clip_config_path: Optional[str] = None
-    image_reward_path: Optional[str] = None
-    image_reward_med_config_path: Optional[str] = None
-    image_reward_env: Optional[str] = None
-
-
-@dataclass
-class VBenchConfig(FileBenchmarkConfig):
-    """`benchmark=vbench`: VBench's prompt suite (Huang et al., arXiv:2311.17982) on a text-to-video model.
-
-    Attributes:
-        videos_per_prompt: videos per prompt (VBench's standard: 5; sample i is prompt i // videos_per_prompt).
-        dimensions: the VBench dimensions to evaluate (the total score needs all 16).
-        fps: frame rate written into the mp4 files.
-        prompts_path: VBench's full-info JSON; null: `VBench_full_info.json` of the vbench package in `vbench_env`.
-        vbench_cache_path: VBench's weight folder; null: $VBENCH_CACHE_DIR, else ~/.cache/vbench.
-        vbench_env: the overlay environment the VBench worker runs in (null: `.envs/vbench`).
-    """
-
-    name: str = "vbench"
-    batch_size: int = 1
-    videos_per_prompt: int = 5
-    dimensions: List[str] = field(default_factory=lambda: [
-        "subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
-        "aesthetic_quality", "imaging_quality", "dynamic_degree", "object_class", "multiple_objects", "human_action",
-        "color", "spatial_relationship", "scene", "appearance_style", "temporal_style", "overall_consistency"])
-    fps: int = 24
-    prompts_path: Optional[str] = None
-    vbench_cache_path: Optional[str] = None
-    vbench_env: Optional[str] = None
-
-
-@dataclass
-class Div8KConfig(FileBenchmarkConfig):
-    """`benchmark=div8k`: DIV8K super-resolution (Gu et al., ICCVW 2019), the paper's Table 4 (512 -> 2048).
-
-    Attributes:
-        gt_path: folder of DIV8K ground-truth PNGs (sorted by name; sample i is the i-th file).
-        hr_size: side of the centre crop of each ground truth the model must reproduce.
-        scale: upsampling factor; the low-resolution input is the crop downsampled by `scale` (bicubic, antialiased).
-    """
-
-    name: str = "div8k"
-    batch_size: int = 1
-    gt_path: Optional[str] = None
-    hr_size: int = 2048
-    scale: int = 4
 
 
 @dataclass
@@ -327,11 +204,6 @@ def register_schemas() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="model", name="video_model_schema", node=VideoModelConfig)
     cs.store(group="model", name="inf_dit_model_schema", node=InfDiTModelConfig)
-    cs.store(group="benchmark", name="benchmark_schema", node=BenchmarkConfig)
-    cs.store(group="benchmark", name="imagenet_fid_schema", node=ImageNetFIDConfig)
-    cs.store(group="benchmark", name="drawbench_schema", node=DrawBenchConfig)
-    cs.store(group="benchmark", name="div8k_schema", node=Div8KConfig)
-    cs.store(group="benchmark", name="vbench_schema", node=VBenchConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
@@ -366,15 +238,6 @@ def split_knobs(argv: list[str], prefix: str, knobs: dict[str, Any]) -> list[str
             raise SystemExit(f"unknown knob {prefix}.{name}; choose from {sorted(knobs)}")
         knobs[name] = type(knobs[name])(value)
     return overrides
-
-
-def model_method_defaults(model: str, method: str) -> dict:
-    """The `cache.*` values a method takes on a model by default: `conf/model_method/<model>_<method>.yaml`, which
-    the defaults list (`conf/config.yaml`) composes when it exists (e.g. FORA's official FLUX schedule)."""
-    from foca_bench import REPO_DIR
-
-    path = REPO_DIR / "conf" / "model_method" / f"{model}_{method}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
 
 
 def schedule_full_steps(cache: CacheConfig, steps: int) -> int:
@@ -452,12 +315,6 @@ def validate(cfg: DictConfig) -> CacheConfig:
     cfg.model = sized(cfg.model)
     if cfg.cache.warmup is None:
         cfg.cache.warmup = cfg.model.warmup
-    for key, value in (cfg.model.method_defaults.get(cfg.cache.name) or {}).items():
-        if key not in cfg.cache:
-            raise ValueError(f"model.method_defaults.{cfg.cache.name}.{key}: `{cfg.cache.name}` has no knob "
-                             f"{key!r}; its knobs are {sorted(cfg.cache)}.")
-        if cfg.cache[key] is None or (OmegaConf.is_config(cfg.cache[key]) and len(cfg.cache[key]) == 0):
-            cfg.cache[key] = value
     if "steps" in cfg.cache and cfg.cache.steps is None:  # methods whose hooks must know T (diffusers_magcache)
         cfg.cache.steps = cfg.sampler.steps
     if cfg.profile.meta:  # FLOP counting on the meta device never needs weights
@@ -486,8 +343,8 @@ def validate(cfg: DictConfig) -> CacheConfig:
                          "of profile=flops_only.")
     for key in method_cls.model_specific:
         if getattr(cache, key) in (None, [], (), {}):
-            raise ValueError(f"cache.{key} is unset and model `{cfg.model.name}` has no "
-                             f"model.method_defaults.{cache.name}.{key}: set one of them; {method_cls.how_to_set}.")
+            raise ValueError(f"cache.{key} is unset and there is no conf/model_method/{cfg.model.name}_{cache.name}"
+                             f".yaml setting it: set one of them; {method_cls.how_to_set}.")
     if cfg.sampler.steps < 1:
         raise ValueError(f"sampler.steps={cfg.sampler.steps} must be >= 1.")
     for key in ("model.guidance_scale", "sampler.guidance_scale", "model.true_cfg_scale"):

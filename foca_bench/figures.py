@@ -17,12 +17,15 @@ its numbers come from:
 - `frontier_<benchmark>_<model>`: quality against FLOPs speed-up per method.
 
 The traced trajectory is the full-compute run's (`method=none trace=true`; the toy sweep's DDIM row traces).
+Records come from `foca_bench.results.load` (one DataFrame row each), display names from `foca_bench.names`.
 """
 
 import argparse
 import json
 from pathlib import Path
 from typing import Optional
+
+import pandas as pd
 
 import matplotlib
 
@@ -33,8 +36,8 @@ plt.rcParams.update({"axes.titlesize": 9})
 import torch  # noqa: E402
 
 import methods  # noqa: E402
-from foca_bench.records import group_records, iter_records  # noqa: E402
-from foca_bench.tables import METRIC_NAMES, MODEL_NAMES, label  # noqa: E402
+from foca_bench.names import METRIC_NAMES, MODEL_NAMES  # noqa: E402
+from foca_bench.results import load, missing  # noqa: E402
 
 # Methods compared on a trace (Figure 1b) and their schedules.
 FORECASTERS = {
@@ -116,23 +119,18 @@ def _title(model: str) -> str:
     return MODEL_NAMES.get(model, model)
 
 
-def _latest_traces(results_dir: Path) -> dict[str, tuple[Path, Path]]:
+def _latest_traces(df: pd.DataFrame) -> dict[str, tuple[Path, Path]]:
     """model -> (record, trace) of the latest full-compute run with a trace."""
-    found: dict[str, tuple[float, Path, Path]] = {}
-    for path, rec in iter_records(results_dir):
-        trace = rec.get("trace")
-        if rec["method"] == "none" and trace and Path(trace).is_file():
-            mtime = path.stat().st_mtime
-            if rec["model"] not in found or mtime > found[rec["model"]][0]:
-                found[rec["model"]] = (mtime, path, Path(trace))
-    return {m: (p, t) for m, (_, p, t) in found.items()}
+    traced = df[(df["method"] == "none") & df["trace"].map(lambda t: isinstance(t, str) and Path(t).is_file())]
+    latest = traced.loc[traced.groupby("model")["mtime"].idxmax()] if len(traced) else traced
+    return {r["model"]: (Path(r["record"]), Path(r["trace"])) for _, r in latest.iterrows()}
 
 
-def trace_figures(results_dir: Path, out_dir: Path, N: int = 5) -> list[Path]:
+def trace_figures(df: pd.DataFrame, out_dir: Path, N: int = 5) -> list[Path]:
     from safetensors.torch import load_file
 
     written = []
-    for model, (record, trace_path) in sorted(_latest_traces(results_dir).items()):
+    for model, (record, trace_path) in sorted(_latest_traces(df).items()):
         trace = load_file(str(trace_path))
         sources = [f"record: {record}", f"trace: {trace_path}"]
         T = len(trace["times"])
@@ -169,9 +167,8 @@ def trace_figures(results_dir: Path, out_dir: Path, N: int = 5) -> list[Path]:
     return written
 
 
-def _quality_metric(records: list[dict]) -> Optional[str]:
-    return next((m for m in QUALITY if any(r.get("metrics", {}).get(m, {}).get("value") is not None
-                                           for r in records)), None)
+def _quality_metric(group: pd.DataFrame) -> Optional[str]:
+    return next((m for m in QUALITY if f"metrics.{m}" in group and group[f"metrics.{m}"].notna().any()), None)
 
 
 def _spread_axis(ax, ys: list[float]) -> None:
@@ -180,24 +177,24 @@ def _spread_axis(ax, ys: list[float]) -> None:
         ax.set_yscale("log")
 
 
-def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
+def record_figures(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     written = []
-    for (benchmark, model), records in group_records(results_dir).items():
-        metric = _quality_metric([r for _, r in records])
+    for (benchmark, model), group in df.groupby(["benchmark", "model"], sort=True):
+        metric = _quality_metric(group)
         if metric is None:
             continue
-        series: dict[str, list[tuple[float, float, Path]]] = {}
-        for path, rec in records:
-            value = rec.get("metrics", {}).get(metric, {}).get("value")
-            if value is None or "flops_speedup" not in rec["profile"]:
+        series: dict[str, list[tuple[float, float, str]]] = {}
+        for _, r in group.iterrows():
+            value, speedup = r[f"metrics.{metric}"], r.get("profile.flops_speedup")
+            if missing(value) or missing(speedup):
                 continue
-            name = label(rec).split(" (")[0]
-            if rec["method"] == "none":
-                name = "DDIM (fewer steps)" if rec["config"]["sampler"]["steps"] != 50 else "DDIM-50"
-            elif rec["method"] == "foca":  # FoCa's readings are separate series
-                name += "".join(f" ({k})" for k in label(rec).rstrip(")").split(" (")[-1].split(", ")
+            name = r["label"].split(" (")[0]
+            if r["method"] == "none":
+                name = "DDIM (fewer steps)" if r["config.sampler.steps"] != 50 else "DDIM-50"
+            elif r["method"] == "foca":  # FoCa's readings are separate series
+                name += "".join(f" ({k})" for k in r["label"].rstrip(")").split(" (")[-1].split(", ")
                                 if k.startswith(("slope=", "reading=")))
-            series.setdefault(name, []).append((rec["profile"]["flops_speedup"], value, path))
+            series.setdefault(name, []).append((speedup, value, r["record"]))
         sources = [str(p) for pts in series.values() for *_, p in pts]
         ylabel = METRIC_NAMES.get(metric, metric)
 
@@ -228,7 +225,8 @@ def record_figures(results_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def write_figures(results_dir: Path, out_dir: Path) -> list[Path]:
-    written = record_figures(results_dir, out_dir) + trace_figures(results_dir, out_dir)
+    df = load(results_dir)
+    written = record_figures(df, out_dir) + trace_figures(df, out_dir)
     if written:
         print(f"Figures: {len(written) // 2} written to {out_dir}")
     else:

@@ -112,7 +112,7 @@ class Check:
             self.adapter = build_adapter(self.cfg.model, args.device)
         self.meta = build_adapter(compose(*self.overrides, "model.weights=meta").model, "meta")
         self.device = torch.device(args.device)
-        self.labels = torch.zeros(1, dtype=torch.long)
+        self.conditions = self.adapter.example_conditions(1)  # class 0 or the example prompt
         self.noise = self.adapter.make_noise([0])
         self.guidance = self.cfg.sampler.guidance_scale or self.cfg.model.guidance_scale
         self._flops: dict = {}
@@ -135,7 +135,7 @@ class Check:
 
         method = methods.build(cache)
         with build_engine(method, self.adapter.sites(), backend, mode, measure_cache=stats is not None) as engine:
-            self.adapter.generate(engine, self.labels, self.noise, self.args.steps, self.guidance)
+            self.adapter.generate(engine, self.noise, self.args.steps, self.guidance, **self.conditions)
         if stats is not None:
             stats.update(full_steps=engine.full_steps, cache_bytes=engine.cache_bytes_peak)
 
@@ -148,7 +148,8 @@ class Check:
         def count(cache: dict, steps: int) -> int:
             def go() -> None:
                 with CacheEngine(methods.build(cache), self.meta.sites()) as engine:
-                    self.meta.generate(engine, self.labels, self.meta.make_noise([0]), steps, self.guidance)
+                    self.meta.generate(engine, self.meta.make_noise([0]), steps, self.guidance,
+                                       **self.meta.example_conditions(1))
 
             return count_flops(go)
 

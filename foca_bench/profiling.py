@@ -6,17 +6,23 @@ registered formula where the installed torch does not count it. Latency: median 
 warm-up, with CUDA events and synchronisation on a GPU, repeated until the samples agree (`SPREAD`) or a time cap
 passes; every sample is kept, and `latency_mark` marks a cell whose samples still spread, or whose speed-up beats
 its FLOPs speed-up beyond the noise. Speed-ups are always against `method=none` under the same config in the
-same run: latency interleaved with the baseline (see `runner.profile`).
+same run: latency interleaved with the baseline (`profile`).
 """
 
 import ctypes
+import dataclasses
+import json
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+import methods
+from methods.base import CacheConfig
 
 
 def _ensure_cpu_attention_formula() -> None:
@@ -175,3 +181,55 @@ def latency_mark(mine_s: Sequence[float], base_s: Sequence[float], flops_speedup
         if low > flops_speedup:
             mark += BEYOND_FLOPS
     return mark
+
+
+_BASELINE_FLOPS: dict[str, int] = {}
+
+
+def baseline_sampler(sampler: Any, settings: Any) -> Any:
+    """`sampler` with the step count of the full-compute baseline of every speed-up (`profile.baseline_steps`)."""
+    return dataclasses.replace(sampler, steps=settings.baseline_steps or sampler.steps)
+
+
+def is_baseline(cache: CacheConfig, sampler: Any, settings: Any) -> bool:
+    """Whether a run is itself the full-compute baseline (then it is measured, not compared)."""
+    return cache.name == "none" and baseline_sampler(sampler, settings).steps == sampler.steps
+
+
+def profile(adapter: Any, cache: CacheConfig, sampler: Any, settings: Any, device: str) -> dict:
+    """The record's `profile` block: flops, latency_s, and speed-ups against `none` under the same config at
+    `profile.baseline_steps` steps (so `method=none sampler.steps=25` is the paper's 2x "DDIM-25 steps" row).
+
+    Latency is measured interleaved with the `none` baseline in this run (so drift of a shared machine cancels
+    in the ratio) on a batch of `profile.batch_size`, median of `profile.repeats` after `profile.warmup`.
+
+    Args:
+        sampler: the run's `SamplerConfig`; settings: its `profile` config.
+    """
+    from foca_bench.generation import generate_examples
+
+    none = methods.get("none").config_class()
+    base = baseline_sampler(sampler, settings)
+    baseline = is_baseline(cache, sampler, settings)
+    block: dict[str, Any] = {"baseline": {"method": "none", "steps": base.steps}}
+    if settings.flops:
+        block["flops"] = count_flops(lambda: generate_examples(adapter, cache, sampler, 1))
+        key = json.dumps([OmegaConf.to_container(adapter.cfg, resolve=True), dataclasses.asdict(base)], default=str)
+        if not baseline and key not in _BASELINE_FLOPS:  # deterministic: counted once per process
+            _BASELINE_FLOPS[key] = count_flops(lambda: generate_examples(adapter, none, base, 1))
+        block["flops_none"] = block["flops"] if baseline else _BASELINE_FLOPS[key]
+        block["flops_speedup"] = block["flops_none"] / block["flops"]
+    if settings.latency and adapter.device.type != "meta":
+        b = settings.batch_size
+        run_method = lambda: generate_examples(adapter, cache, sampler, b)
+        args = (torch.device(device), settings.warmup, settings.repeats)
+        if baseline:
+            mine = other = measure_latency(run_method, *args)
+        else:
+            mine, other = measure_latency_pair(run_method, lambda: generate_examples(adapter, none, base, b), *args)
+        block.update(latency_s=mine["median_s"], latency_none_s=other["median_s"],
+                     latency_speedup=other["median_s"] / mine["median_s"],
+                     latency_detail={**mine, "batch_size": b, "none": other, "protocol": "interleaved with none"})
+        if methods.get(cache.name).latency_note:
+            block["latency_note"] = methods.get(cache.name).latency_note
+    return block

@@ -31,8 +31,10 @@ from tqdm import tqdm
 
 import methods
 from foca_bench.config import compose, split_knobs, validate
-from foca_bench.records import atomic_write, atomic_write_json, environment, record_path, run_id
-from foca_bench.runner import generate, get_adapter, resolve_device, run
+from foca_bench.generation import generate, get_adapter, resolve_device
+from foca_bench.identity import run_id
+from foca_bench.records import atomic_write, atomic_write_json, environment, record_path
+from foca_bench.runner import run
 
 NS = (3, 5, 7)
 WARMUPS = (1, 2)
@@ -70,8 +72,10 @@ def trace(overrides: list[str], samples: int) -> tuple[dict[str, torch.Tensor], 
     if path.is_file() and not cfg.force:
         return load_file(str(path)), path
     adapter = get_adapter(cfg.model, resolve_device(cfg.device))
-    _, stats = generate(adapter, methods.get("none").config_class(), cfg, labels, seeds, samples,
-                        desc="<readings: none> tracing", trace=True)
+    stats: dict = {}
+    for _ in generate(adapter, methods.get("none").config_class(), OmegaConf.to_object(cfg.sampler),
+                      [(seeds, {"class_labels": labels})], stats, desc="<readings: none> tracing", trace=True):
+        pass
     tensors = {k: v.contiguous() for k, v in stats["trace"].items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return tensors, path

@@ -1,11 +1,13 @@
-"""Run records: one JSON file per run, written atomically; identity is a hash of the resolved config.
+"""Run records: one JSON file per run, strict (always valid JSON) and written atomically.
 
-Layout: `results/<benchmark>/<model>/<method>/<run_id>.json`. Tables are derived from these files only.
+Layout: `results/<benchmark>/<model>/<method>/<run_id>.json` (the id: `foca_bench.identity`). Tables are derived
+from these files only. A non-finite number never reaches a record: it is written as null and named in the record's
+`faults` list (`finite`), and the run exits non-zero.
 """
 
-import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -27,22 +29,6 @@ log = logging.getLogger("foca_bench")
 
 PACKAGES = ("torch", "torchvision", "diffusers", "hydra-core", "omegaconf", "torchmetrics", "torch-fidelity",
             "numpy", "safetensors", "scikit-learn")
-# Keys that say where things are, not what was computed: excluded from a run's identity.
-PATH_KEYS = {"path", "results_dir", "force", "device", "logger", "claim_timeout_s"}
-
-
-def _strip(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _strip(v) for k, v in sorted(node.items()) if k not in PATH_KEYS}
-    if isinstance(node, list):
-        return [_strip(v) for v in node]
-    return node
-
-
-def run_id(config: dict) -> str:
-    """Short hash of the resolved config with paths removed."""
-    blob = json.dumps(_strip(config), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def git_commit() -> str:
@@ -66,14 +52,23 @@ def environment() -> dict:
             "git_commit": git_commit()}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` to a temporary file unique to this call in the same directory, then `os.replace` it into
-    place: no reader ever sees a half-written file and concurrent writers never share a temporary file."""
+    place: no reader ever sees a half-written file and concurrent writers never share a temporary file. The file
+    gets the permissions of a plainly created one (0644 under the usual umask 022), not `mkstemp`'s 0600, so
+    teammates can read a shared results folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -81,12 +76,30 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def finite(node: Any, where: str = "") -> tuple[Any, list[dict]]:
+    """`node` with every non-finite float replaced by None, and one fault `{"field": dotted key, "value": "nan"}`
+    per replaced value (JSON has no NaN or infinity: `json.loads` of strict parsers rejects them)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return None, [{"field": where, "value": str(node)}]
+    faults: list[dict] = []
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out[k], found = finite(v, f"{where}.{k}" if where else str(k))
+            faults += found
+        return out, faults
+    if isinstance(node, (list, tuple)):
+        items = [finite(v, f"{where}.{i}") for i, v in enumerate(node)]
+        return [v for v, _ in items], [f for _, found in items for f in found]
+    return node, faults
+
+
 def atomic_write_json(path: Path, payload: dict) -> None:
-    """A JSON file, written (and fsynced) atomically."""
+    """A JSON file, written (and fsynced) atomically; a non-finite float is an error (see `finite`)."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False, default=str)
+            json.dump(payload, f, indent=2, sort_keys=False, default=str, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -97,12 +110,12 @@ def atomic_write_json(path: Path, payload: dict) -> None:
 def write_calibration(stem: str, method: str, knob: str, values: list[float], fmt: str, result: dict,
                       headline: str) -> Path:
     """Writes a calibration command's result to `results/calibration/<stem>_<model>.json` and prints it with the
-    `method_defaults` snippet for `conf/model/<model>.yaml` that sets `method`'s `cache.<knob>` to `values`."""
+    contents of `conf/model_method/<model>_<method>.yaml` that set `method`'s `cache.<knob>` to `values`."""
     model = result["model"]
     out = Path("results/calibration") / f"{stem}_{model}.json"
     atomic_write_json(out, result)
-    print(f"{headline} (written to {out}). For conf/model/{model}.yaml:\n")
-    print(f"method_defaults:\n  {method}:\n    {knob}: [" + ", ".join(format(v, fmt) for v in values) + "]")
+    print(f"{headline} (written to {out}). For conf/model_method/{model}_{method}.yaml:\n")
+    print(f"# @package cache\n{knob}: [" + ", ".join(format(v, fmt) for v in values) + "]")
     return out
 
 
@@ -123,21 +136,12 @@ def record_path(results_dir: Path, benchmark: str, model: str, method: str, rid:
     return Path(results_dir) / benchmark / model / method / f"{rid}.json"
 
 
-def iter_records(results_dir: Path) -> Iterator[tuple[Path, dict]]:
-    """Every record under `results_dir` (skips caches, Hydra outputs and the paper's reference data)."""
-    for path in sorted(Path(results_dir).glob("*/*/*/*.json")):
-        if path.parts[-4] in ("cache", "hydra", "paper", "traces", "tables", "figures", "wandb"):
-            continue
-        with open(path) as f:
-            yield path, json.load(f)
+NOT_RECORDS = ("cache", "hydra", "paper", "samples", "traces", "tables", "figures", "wandb", "calibration")
 
 
-def group_records(results_dir: Path) -> dict[tuple[str, str], list[tuple[Path, dict]]]:
-    """Every record under `results_dir` by (benchmark, model): the unit of a table and of a figure."""
-    groups: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
-    for path, rec in iter_records(results_dir):
-        groups.setdefault((rec["benchmark"], rec["model"]), []).append((path, rec))
-    return dict(sorted(groups.items()))
+def record_files(results_dir: Path) -> list[Path]:
+    """Every record file under `results_dir` (not caches, samples, Hydra outputs or the paper's reference data)."""
+    return [p for p in sorted(Path(results_dir).glob("*/*/*/*.json")) if p.parts[-4] not in NOT_RECORDS]
 
 
 CLAIM_TIMEOUT_S = 600.0  # `claim_timeout_s`: a claim whose heartbeat is older than this is taken over

@@ -28,7 +28,7 @@ def scalars(record: dict) -> dict[str, float]:
 def _wandb_table(table):
     import wandb
 
-    return wandb.Table(columns=table.header, data=[list(row) for row in table.rows])
+    return wandb.Table(dataframe=table.frame)
 
 
 def log_run(cfg: DictConfig, record: dict, record_file: Path) -> Optional[Path]:
@@ -38,8 +38,9 @@ def log_run(cfg: DictConfig, record: dict, record_file: Path) -> Optional[Path]:
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    from foca_bench.records import group_records
-    from foca_bench.tables import build_table, label
+    from foca_bench.names import label
+    from foca_bench.results import frame, load
+    from foca_bench.tables import build_table
 
     group = cfg.logger.group
     if group is None:
@@ -62,8 +63,9 @@ def log_run(cfg: DictConfig, record: dict, record_file: Path) -> Optional[Path]:
         run.summary.update(values)
         if record.get("sample_grid") and Path(record["sample_grid"]).is_file():
             run.log({"samples": wandb.Image(record["sample_grid"], caption=label(record))})
-        run.log({"row": _wandb_table(build_table([(record_file, record)], label(record)))})
-        peers = group_records(Path(cfg.results_dir)).get((record["benchmark"], record["model"]), [])
+        run.log({"row": _wandb_table(build_table(frame([(record_file, record)]), label(record)))})
+        df = load(cfg.results_dir)
+        peers = df[(df["benchmark"] == record["benchmark"]) & (df["model"] == record["model"])]
         run.log({"table": _wandb_table(build_table(peers, f"{record['benchmark']} on {record['model']}"))})
         directory = Path(run.dir).parent
     finally:

@@ -166,7 +166,7 @@ class CacheConfig:
     dtype: Optional[str] = None
 
     # knob values that reproduce what runs did before the knob existed: left out of a run's identity
-    # (`runner.identity`), so the records of those runs keep their ids
+    # (`foca_bench.identity.identity`), so the records of those runs keep their ids
     omit_from_identity: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
@@ -205,7 +205,7 @@ class CacheMethod(ABC):
     external: ClassVar[bool] = False  # run by diffusers' or cache-dit's hooks (foca_bench.external), not our engine
     uncond_first: ClassVar[bool] = False  # batched CFG as [uncond; cond] (FasterCache), not [cond; uncond]
     fusable: ClassVar[bool] = False  # forecasts by `forecast_terms`: the engine may fuse a skipped step (model.compile)
-    # knobs that depend on the model (filled from `model.method_defaults.<name>`); empty ones fail validation
+    # knobs that depend on the model (set by conf/model_method/<model>_<name>.yaml); empty ones fail validation
     model_specific: ClassVar[tuple[str, ...]] = ()
     how_to_set: ClassVar[str] = ""  # how a user obtains a model-specific knob for a new model
     latency_note: ClassVar[str] = ""  # why a measured latency is not the method's own (records and tables show it)

@@ -7,7 +7,7 @@ These methods compute nothing themselves: the engine hands their config to `foca
 diffusers' hook to the model for the engine's lifetime, resets its state at every generation and removes it on
 exit. Their schedules are diffusers' own (e.g. TaylorSeerCache computes steps i < d and d + 1 + kN, see
 docs/methods.md), and the record's full-step count is unknown (diffusers does not report it). MagCache's
-magnitude ratios are per model (`model.method_defaults.diffusers_magcache.mag_ratios`, fitted by
+magnitude ratios are per model (`conf/model_method/<model>_diffusers_magcache.yaml`, fitted by
 `python -m foca_bench.calibrate_magcache`). FasterCache (arXiv:2410.19355) reads a batched-CFG forward as
 [uncond; cond] halves, the reverse of DiT's order, so it asks the adapter for uncond first (`uncond_first`).
 """
@@ -103,7 +103,7 @@ class DiffusersMagCacheConfig(CacheConfig):
     in a row, never in the first `retention_ratio` of the steps.
 
     Attributes:
-        mag_ratios: the model's per-step residual magnitude ratios (from `model.method_defaults`).
+        mag_ratios: the model's per-step residual magnitude ratios (`conf/model_method/<model>_diffusers_magcache.yaml`).
         steps: the number of sampling steps the hook interpolates the ratios to; null takes `sampler.steps`.
     """
 
@@ -129,7 +129,7 @@ class DiffusersMagCache(External):
     schedule_free = True
     model_specific = ("mag_ratios",)
     how_to_set = ("`python -m foca_bench.calibrate_magcache model=<name>` measures them and prints the YAML for "
-                  "model.method_defaults.diffusers_magcache")
+                  "conf/model_method/<model>_diffusers_magcache.yaml")
 
 
 @dataclass

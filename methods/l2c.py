@@ -34,7 +34,7 @@ HOW_TO_TRAIN = ("train one with `python -m foca_bench.train_l2c model=<model> sa
 class L2CConfig(CacheConfig):
     """Attributes:
     router_path: the router file (official format); a relative path is looked up from the working directory, then
-        from the repository root. Null takes the model's (`model.method_defaults.l2c.router_path`).
+        from the repository root. Null takes the model's (`conf/model_method/<model>_l2c.yaml`).
     threshold: a site computes at a routed step when sigmoid(router) > threshold (official DiT-XL/2 256: 0.1);
         0 computes every site.
     """

@@ -30,7 +30,7 @@ class SmoothCacheConfig(CacheConfig):
     """Attributes:
     alpha: the error threshold under which a layer type reuses its output (0: every step computed).
     errors: the calibration, {layer type: [errors at lookahead 1 (T-1 values), lookahead 2 (T-2), ...]}; empty takes
-        the model's (`model.method_defaults.smoothcache.errors`).
+        the model's (`conf/model_method/<model>_smoothcache.yaml`).
     """
 
     name: str = "smoothcache"

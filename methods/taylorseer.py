@@ -27,7 +27,7 @@ class TaylorSeerConfig(CacheConfig):
     """Attributes:
     O: Taylor order (number of difference factors); needs O+1 factor-forming full steps before it is used in full.
     first_enhance: the official code's `first_enhance`: difference factors are formed only at full steps
-        i > first_enhance - 2. Null takes the model's official value (`model.method_defaults.taylorseer`), else
+        i > first_enhance - 2. Null takes the model's official value (`conf/model_method/<model>_taylorseer.yaml`), else
         `warmup + 1` (every official configuration has warmup = first_enhance - 1). 1 (or 0) forms them from
         the second full step whatever the warm-up: a deviation from the official code on FLUX (first_enhance=3).
     """

@@ -4,8 +4,8 @@ the first block's modulated input.
 At every step the adapter hands the method the first block's modulated input x_i (adaLN-modulated hidden states
 before attention; a few small ops). With the relative L1 change r_i = mean|x_i - x_{i-1}| / mean|x_{i-1}|, the
 method accumulates the polynomially rescaled estimate of the output change, A += max(0, p(r_i)), with p from
-`cache.coefficients` (highest degree first, as `numpy.polyval`; per model: `model.method_defaults.teacache`, or
-fitted by `python -m foca_bench.calibrate_teacache model=...`). While A < `cache.l` the step reuses the residual
+`cache.coefficients` (highest degree first, as `numpy.polyval`; per model: `conf/model_method/<model>_teacache.yaml`,
+or fitted by `python -m foca_bench.calibrate_teacache model=...`). While A < `cache.l` the step reuses the residual
 of the last computed step (output = input + residual, all blocks skipped); otherwise every block runs, the
 residual is refreshed and A restarts at 0. The first step and the last step are always computed. Each site and
 branch keeps its own accumulator, so separate cond/uncond passes decide separately, as TeaCache does. Under
@@ -32,7 +32,7 @@ class TeaCacheConfig(CacheConfig):
     """Attributes:
     l: threshold on the accumulated rescaled relative L1 change (0: every step computed).
     coefficients: rescaling polynomial, highest degree first; empty takes the model's
-        (`model.method_defaults.teacache.coefficients`).
+        (`conf/model_method/<model>_teacache.yaml`).
     """
 
     name: str = "teacache"

@@ -19,7 +19,7 @@ reused whole (partial attention needs every token's keys and values; the officia
   0.8 s/T)) in float32, or 2 for s in [0.2T, 0.4T); the first block decides with the interval it finds, the
   others after the first block's force step has reset it, so at some steps only the first block is forced;
   `interval`: the shared schedule (warmup, N), which is the official FLUX and HunyuanVideo code's counter.
-Null knobs take the model's official value (`model.method_defaults.toca`), else DiT's (`OFFICIAL`).
+Null knobs take the model's official value (`conf/model_method/<model>_toca.yaml`), else DiT's (`OFFICIAL`).
 docs/methods.md lists the sources and what still differs.
 """
 
@@ -43,7 +43,7 @@ STREAM_FACTOR = {"double": 1 - 0.6, "single": 1 + 0.6}  # mmdit recipe: single-s
 
 @dataclass
 class ToCaConfig(CacheConfig):
-    """Attributes (null: the model's official value, `model.method_defaults.toca`, else DiT's, `OFFICIAL`):
+    """Attributes (null: the model's official value, `conf/model_method/<model>_toca.yaml`, else DiT's, `OFFICIAL`):
     N: ToCa's `fresh_threshold`: the force-step interval (DiT's DDIM-50 command uses 3).
     fresh_ratio: base share of tokens recomputed at a partial step, in (0, 1].
     score: `attention` (s1) or `random`.

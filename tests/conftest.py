@@ -70,8 +70,8 @@ def flops_of(adapter, cache: dict, steps: int, batch: int = 1) -> int:
 
     def go():
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.zeros(batch, dtype=torch.long), adapter.make_noise(list(range(batch))),
-                             steps, 1.5)
+            adapter.generate(engine, adapter.make_noise(list(range(batch))), steps, 1.5,
+                             **adapter.example_conditions(batch))
 
     return count_flops(go)
 

@@ -44,8 +44,8 @@ def adapters():
 def generate(adapter, cfg, method, steps=STEPS, seeds=(0, 1)):
     """Images of one generation, and cache-dit's cached steps per block stack (None for our own methods)."""
     with CacheEngine(method, adapter.sites()) as engine:
-        out = adapter.generate(engine, torch.tensor([1, 2][: len(seeds)]), adapter.make_noise(list(seeds)), steps,
-                               cfg.sampler.guidance_scale)
+        out = adapter.generate(engine, adapter.make_noise(list(seeds)), steps,
+                               cfg.sampler.guidance_scale, class_labels=torch.tensor([1, 2][: len(seeds)]))
         cached = engine.external.cached_steps() if engine.external is not None else None
     return out, cached
 
@@ -75,7 +75,7 @@ def test_two_generations_and_two_enable_disable_cycles_give_the_same_output(adap
     reference, _ = generate(adapter, cfg, methods.build({"name": "none"}))
     method = cachedit("dbcache", threshold=0.2, max_warmup_steps=2)
     with CacheEngine(method, adapter.sites()) as engine:  # two generations in one engine: reset between them
-        outs = [adapter.generate(engine, torch.tensor([1, 2]), adapter.make_noise([0, 1]), STEPS, 1.5)
+        outs = [adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, class_labels=torch.tensor([1, 2]))
                 for _ in range(2)]
         cached = engine.external.cached_steps()
     assert torch.equal(outs[0], outs[1]) and 0 < len(next(iter(cached.values()))) < STEPS - 2

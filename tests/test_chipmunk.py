@@ -143,7 +143,7 @@ def test_column_count_is_the_kernels_expected_count():
 def _generate(adapter, cache, steps=8):
     method = methods.build(cache)
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, torch.tensor([1, 2]), adapter.make_noise([0, 1]), steps, 3.0)
+        return adapter.generate(engine, adapter.make_noise([0, 1]), steps, 3.0, class_labels=torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize("model", ["dit_xl_2", "flux", "hunyuan_video"])

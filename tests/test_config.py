@@ -12,17 +12,42 @@ import methods
 from foca_bench import REPO_DIR
 from foca_bench.adapters import ADAPTERS
 from foca_bench.adapters import build_adapter
-from foca_bench.config import model_method_defaults, validate
+from foca_bench.benchmarks import BENCHMARKS
+from foca_bench.config import validate
+from foca_bench.names import model_method_settings
 
 METHOD_FILES = sorted(p.stem for p in (REPO_DIR / "conf/method").glob("*.yaml"))
 MODEL_FILES = sorted(p.stem for p in (REPO_DIR / "conf/model").glob("*.yaml"))
+BENCHMARK_FILES = sorted(p.stem for p in (REPO_DIR / "conf/benchmark").glob("*.yaml"))
+MODEL_METHOD_FILES = sorted(p.stem for p in (REPO_DIR / "conf/model_method").glob("*.yaml"))
 
 
 def test_registries_match_config_groups():
     assert sorted(methods.METHODS) == METHOD_FILES
     assert sorted(ADAPTERS) == MODEL_FILES
+    assert sorted(BENCHMARKS) == BENCHMARK_FILES
     for name, cls in methods.METHODS.items():
         assert cls.name == name and cls.config_class().name == name
+    for name, cls in BENCHMARKS.items():
+        assert cls.name == name
+
+
+@pytest.mark.parametrize("pair", MODEL_METHOD_FILES)
+def test_model_method_files_set_their_methods_knobs(cfg_factory, pair):
+    """`conf/model_method/<model>_<method>.yaml` is picked up for exactly that pair and wins over the method's
+    YAML; a command-line override wins over it."""
+    model, method = next((m, pair[len(m) + 1:]) for m in MODEL_FILES if pair.startswith(f"{m}_"))
+    assert method in METHOD_FILES
+    values = OmegaConf.load(REPO_DIR / "conf/model_method" / f"{pair}.yaml")
+    cfg = cfg_factory(f"model={model}", f"method={method}")
+    assert all(cfg.cache[k] == v for k, v in values.items())
+    knob, value = next(((k, v) for k, v in values.items() if isinstance(v, (int, float)) or OmegaConf.is_list(v)
+                        or k.endswith("_path")), (None, None))  # a list, a number or a file
+    if knob is None:  # SmoothCache's errors: a mapping of lists
+        return
+    other = [1.0, 2.0] if OmegaConf.is_list(value) else "elsewhere.pt" if isinstance(value, str) else value + 1
+    override = f"cache.{knob}=[1.0,2.0]" if isinstance(other, list) else f"cache.{knob}={other}"
+    assert cfg_factory(f"model={model}", f"method={method}", override).cache[knob] == other
 
 
 @pytest.mark.parametrize("model", MODEL_FILES)
@@ -37,13 +62,13 @@ def test_every_pair_composes_with_override(cfg_factory, model, method):
         with pytest.raises(ValueError, match=re.escape(refusal)):
             validate(cfg)
         return
-    if any(k not in (cfg.model.method_defaults.get(method) or {}) for k in cls.model_specific):
-        with pytest.raises(ValueError, match=f"model.method_defaults.{method}"):  # e.g. TeaCache on DiT-XL/2
+    if cls.model_specific and f"{model}_{method}" not in MODEL_METHOD_FILES:
+        with pytest.raises(ValueError, match=f"conf/model_method/{model}_{method}.yaml"):  # TeaCache on DiT-XL/2
             validate(cfg)
         return
     cache = validate(cfg)
     # per-model default filled in (a conf/model_method file may set the method's own on that model)
-    assert cache.warmup == model_method_defaults(model, method).get("warmup", cfg.model.warmup)
+    assert cache.warmup == model_method_settings(model, method).get("warmup", cfg.model.warmup)
     assert type(cache) is methods.get(method).config_class
 
 
@@ -163,16 +188,16 @@ ROWS = sorted(p.relative_to(REPO_DIR / "conf/row").with_suffix("").as_posix()
 
 @pytest.mark.parametrize("row", ROWS)
 def test_every_table_row_composes_to_the_command_it_names(cfg_factory, row):
-    """A row file (`conf/row/<experiment>/<row>.yaml`) equals the plain overrides its comment spells out."""
+    """A row file (`conf/row/<table>/<row>.yaml`) equals the plain overrides its comment spells out."""
     import re
 
-    experiment, name = row.split("/")
+    table, name = row.split("/")
     text = (REPO_DIR / f"conf/row/{row}.yaml").read_text()
-    command = f"python run.py experiment={experiment} +row/{experiment}={name}"
+    command = f"python run.py experiment={table} +row/{table}={name}"
     assert command in text
     plain = re.search(re.escape(command) + r"\s+\(= (.*)\)", text).group(1).split()
-    via_row = cfg_factory(f"experiment={experiment}", f"+row/{experiment}={name}")
-    via_plain = cfg_factory(f"experiment={experiment}", *plain)
+    via_row = cfg_factory(f"experiment={table}", f"+row/{table}={name}")
+    via_plain = cfg_factory(f"experiment={table}", *plain)
     for cfg in (via_row, via_plain):
         try:
             validate(cfg)
@@ -186,6 +211,6 @@ def test_every_table_row_composes_to_the_command_it_names(cfg_factory, row):
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO_DIR / "conf/experiment").glob("*.yaml")))
 def test_every_experiment_sweeps_its_rows(cfg_factory, experiment):
     text = (REPO_DIR / f"conf/experiment/{experiment}.yaml").read_text()
-    assert f"python run.py -m experiment={experiment}" in text and f"+row/{experiment}: glob(*)" in text
+    assert f"python run.py -m experiment={experiment}" in text and f"+row/{experiment}: glob(*" in text
     assert any(r.startswith(f"{experiment}/") for r in ROWS)
     validate(cfg_factory(f"experiment={experiment}"))

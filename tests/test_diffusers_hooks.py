@@ -19,7 +19,7 @@ STEPS = 12
 
 def _generate(adapter, method, seed=0, label=1):
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, torch.tensor([label]), adapter.make_noise([seed]), STEPS, 3.0)
+        return adapter.generate(engine, adapter.make_noise([seed]), STEPS, 3.0, class_labels=torch.tensor([label]))
 
 
 def test_our_calibration_equals_diffusers_calibration_mode(capsys):
@@ -27,7 +27,7 @@ def test_our_calibration_equals_diffusers_calibration_mode(capsys):
     cfg = make_cfg(*TINY)
     validate(cfg)
     adapter = build_adapter(cfg.model, "cpu")
-    ours = magnitude_ratios(adapter, STEPS, 3.0, seeds=[0], num_classes=10)
+    ours = magnitude_ratios(adapter, STEPS, 3.0, seeds=[0])
     apply_mag_cache(adapter.transformer, MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
     capsys.readouterr()
     _generate(adapter, methods.build({"name": "none"}), seed=0, label=0)  # what magnitude_ratios ran
@@ -46,7 +46,7 @@ def toy():
 
 def test_magcache_skips_the_block_stack_within_its_threshold_and_not_in_the_retention_steps(toy):
     cfg, adapter = toy
-    ratios = list(cfg.model.method_defaults.diffusers_magcache.mag_ratios)
+    ratios = list(make_cfg("method=diffusers_magcache").cache.mag_ratios)  # conf/model_method/toy_dit_...
     runs = []
     hook = adapter.transformer.transformer_blocks[-1].ff.register_forward_hook(lambda *a: runs.append(1))
     try:
@@ -77,7 +77,7 @@ def _fastercache_run(adapter, cfg, steps, **knobs):
                 for k, attn in enumerate(attention)]
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.tensor([1]), adapter.make_noise([0]), steps, cfg.sampler.guidance_scale)
+            adapter.generate(engine, adapter.make_noise([0]), steps, cfg.sampler.guidance_scale, class_labels=torch.tensor([1]))
     finally:
         for h in handles:
             h.remove()
@@ -134,4 +134,4 @@ def test_fastercache_flops_are_full_steps_minus_the_skipped_attentions():
 
 def _generate_one(adapter, method, steps):
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, torch.tensor([1]), adapter.make_noise([0]), steps, 3.5)
+        return adapter.generate(engine, adapter.make_noise([0]), steps, 3.5, class_labels=torch.tensor([1]))

@@ -78,7 +78,7 @@ def test_whole_generation_equals_diffusers_taylorseer_cache_on_a_tiny_dit(order,
 
     method = _DiffusersSchedule(TaylorSeerConfig(N=N, O=order, warmup=_DiffusersSchedule.d, time="step", first_enhance=1))
     with CacheEngine(method, ours_adapter.sites()) as engine:
-        ours = ours_adapter.generate(engine, labels, noise, steps, 3.0)
+        ours = ours_adapter.generate(engine, noise, steps, 3.0, class_labels=labels)
         assert engine.full_steps == sum(diffusers_full(i, 2, N) for i in range(steps)) < steps
 
     apply_taylorseer_cache(theirs_adapter.transformer, TaylorSeerCacheConfig(
@@ -89,10 +89,10 @@ def test_whole_generation_equals_diffusers_taylorseer_cache_on_a_tiny_dit(order,
 
     _set_cache_context(theirs_adapter.transformer, CacheContext("cond_uncond"))  # batched CFG: one context
     with CacheEngine(methods.build({"name": "none"}), theirs_adapter.sites()) as engine:
-        theirs = theirs_adapter.generate(engine, labels, noise, steps, 3.0)
+        theirs = theirs_adapter.generate(engine, noise, steps, 3.0, class_labels=labels)
 
     with CacheEngine(methods.build({"name": "none"}), ours_adapter.sites()) as engine:
-        uncached = ours_adapter.generate(engine, labels, noise, steps, 3.0)
+        uncached = ours_adapter.generate(engine, noise, steps, 3.0, class_labels=labels)
     assert (ours - uncached).abs().max() > 1e-4  # the caches really forecast
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -107,7 +107,7 @@ def tiny():
 
 def _generate(adapter, method, steps=12):
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), steps, 3.0)
+        return adapter.generate(engine, adapter.make_noise([0, 1]), steps, 3.0, class_labels=torch.tensor([1, 7]))
 
 
 def test_method_diffusers_taylorseer_equals_ours_on_its_schedule_and_resets_between_generations(tiny):

@@ -24,8 +24,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.adapters.dit_sampler import respaced_timesteps
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from foca_bench.records import run_id
-from foca_bench.runner import identity
+from foca_bench.identity import identity, run_id
 from tests.conftest import make_cfg
 
 TINY_DIT_XL_2 = ("model=dit_xl_2", "model.size=tiny")
@@ -104,8 +103,8 @@ def tiny_dit_xl_2():
 
 def generate(adapter, lineage, steps, guided=None, labels=(3, 7), seeds=(0, 1), scale=4.0):
     with CacheEngine(methods.build({"name": "none"}), adapter.sites()) as engine:
-        return adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), steps, scale, guided,
-                                lineage=lineage)
+        return adapter.generate(engine, adapter.make_noise(list(seeds)), steps, scale, guided,
+                                lineage=lineage, class_labels=torch.tensor(labels))
 
 
 def test_timesteps_are_the_respaced_999_to_0():

@@ -34,7 +34,7 @@ def bench(tmp_path):
 def _score(bench, tmp_path, name, outputs):
     store = SampleStore(tmp_path / name, bench.samples())
     store.write(range(len(outputs)), np.stack(outputs))
-    return {k: v["value"] for k, v in bench.evaluate(store, "cpu").items()}
+    return {k: v["value"] for k, v in bench.score(store, None, "cpu").items()}
 
 
 def test_protocol_crops_and_downsamples(bench):

@@ -68,8 +68,8 @@ def test_mismatched_images_lower_clip_score(clip, tmp_path):
     csv_path = write_csv(tmp_path / "colours.csv", prompts, ["Colors"] * 4)
     bench, matched = _colour_store(tmp_path, csv_path, clip, shuffle=False)
     _, shuffled = _colour_store(tmp_path, csv_path, clip, shuffle=True)
-    good = bench.evaluate(matched, "cpu")["clip_score"]["value"]
-    bad = bench.evaluate(shuffled, "cpu")["clip_score"]["value"]
+    good = bench.score(matched, None, "cpu")["clip_score"]["value"]
+    bad = bench.score(shuffled, None, "cpu")["clip_score"]["value"]
     assert good > bad + 10
 
 
@@ -110,7 +110,7 @@ def test_image_reward_scores_noise_lower_through_its_own_environment(clip, tmp_p
     for name, arr in (("clean", images), ("noisy", noisy)):
         store = SampleStore(tmp_path / name, [Sample(i, i, label=i, prompt=p) for i, p in enumerate(prompts)])
         store.write(range(len(arr)), arr)
-        scores[name] = bench.evaluate(store, "cpu")["image_reward"]["value"]
+        scores[name] = bench.score(store, None, "cpu")["image_reward"]["value"]
     assert np.isfinite(scores["clean"]) and scores["clean"] > scores["noisy"] + 0.5
     # a file that is not an ImageReward checkpoint is refused, not silently half-loaded (strict=False upstream)
     import torch
@@ -118,4 +118,4 @@ def test_image_reward_scores_noise_lower_through_its_own_environment(clip, tmp_p
     torch.save({"mlp.layers.0.weight": torch.zeros(1)}, tmp_path / "bogus.pt")
     bench.reward = tmp_path / "bogus.pt"
     with pytest.raises(RuntimeError, match="ImageReward worker failed"):
-        bench.evaluate(store, "cpu")
+        bench.score(store, None, "cpu")

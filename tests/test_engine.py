@@ -19,7 +19,7 @@ STEPS = 10
 def generate(adapter, name, labels=(1, 7), seeds=(0, 1), trace=False, **cache):
     method = methods.build({"name": name, "warmup": 1, **cache})
     with CacheEngine(method, adapter.sites(), trace=trace) as engine:
-        out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), STEPS, 3.0)
+        out = adapter.generate(engine, adapter.make_noise(list(seeds)), STEPS, 3.0, class_labels=torch.tensor(labels))
         return out, engine
 
 
@@ -80,7 +80,7 @@ def test_cached_output_differs_but_stays_close_on_the_trained_toy(toy, name):
 
     def sample(cache):
         with CacheEngine(methods.build({**cache, "warmup": 1}), toy.sites()) as engine:
-            return toy.generate(engine, labels, noise, 50, 1.5)
+            return toy.generate(engine, noise, 50, 1.5, class_labels=labels)
 
     reference = sample({"name": "none"})
     rel = ((sample({"name": name, "N": 3}) - reference).norm() / reference.norm()).item()
@@ -98,7 +98,7 @@ def test_same_seed_twice_is_identical_and_reset_survives_an_exception(adapter):
                 adapter.transformer.transformer_blocks[0].attn1(torch.randn(2, 64, 32))
                 raise RuntimeError("interrupted mid-generation")
         assert method.state  # stale state left behind by the interrupted call ...
-        again = adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+        again = adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0, class_labels=torch.tensor([1, 7]))
     assert torch.equal(again, first)  # ... is cleared by the reset at the start of the next generation
 
 
@@ -166,7 +166,8 @@ def test_feeder_elision_is_bit_identical(adapter, cache):
     outs = []
     for elide in (True, False):
         with CacheEngine(methods.build({**cache, "warmup": 1}), adapter.sites(), elide_feeders=elide) as engine:
-            outs.append(adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0))
+            outs.append(adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0,
+                                         class_labels=torch.tensor([1, 7])))
     assert torch.equal(outs[0], outs[1])
 
 
@@ -194,7 +195,7 @@ def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter
     method.plan = lambda s: (step.__setitem__("i", s.index), original(s))[1]
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+            adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0, class_labels=torch.tensor([1, 7]))
     finally:
         for h in hooks:
             h.remove()
@@ -216,7 +217,7 @@ def test_delta_dit_pattern_dr_alternates_a_delta_step_and_a_step_that_runs_no_bl
     method.plan = lambda s: (step.__setitem__("i", s.index), original(s))[1]
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+            adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0, class_labels=torch.tensor([1, 7]))
     finally:
         for h in hooks:
             h.remove()
@@ -233,7 +234,7 @@ def test_delta_dit_adds_the_stored_residual_to_the_fresh_input(adapter):
     method = methods.build({"name": "delta_dit", "N": 99, "warmup": 0, "blocks": 1, "boundary": 0})
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), 3, 3.0)
+            adapter.generate(engine, adapter.make_noise([0, 1]), 3, 3.0, class_labels=torch.tensor([1, 7]))
     finally:
         hook.remove()
     (in0, out0), (in1, out1), (in2, out2) = calls  # step 0 full; steps 1, 2 cache block 0 (the front range)
@@ -294,7 +295,7 @@ def test_cache_bytes_peak_counts_the_tensors_each_method_keeps_per_site(adapter,
     """Tiny DiT, CFG batch 4, 64 tokens of width 32, float32: 32 KiB per cached tensor; 2 blocks x (attn, mlp)."""
     method = methods.build({"warmup": 1, **cache})
     with CacheEngine(method, adapter.sites(), measure_cache=True) as engine:
-        adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+        adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0, class_labels=torch.tensor([1, 7]))
     per_tensor, sites = 4 * 64 * 32 * 4, 2 * 2
     assert engine.cache_bytes_peak == tensors_per_site * sites * per_tensor
 
@@ -310,7 +311,7 @@ def test_cache_dtype_stores_features_at_that_precision_and_gives_them_back_in_th
     def run(dtype):
         method = methods.build({**cache, "dtype": dtype})
         with CacheEngine(method, adapter.sites(), measure_cache=True) as engine:
-            out = adapter.generate(engine, torch.tensor([1, 7]), adapter.make_noise([0, 1]), STEPS, 3.0)
+            out = adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0, class_labels=torch.tensor([1, 7]))
         return out, engine.cache_bytes_peak
 
     full, full_bytes = run(None)
@@ -322,7 +323,7 @@ def test_cache_dtype_stores_features_at_that_precision_and_gives_them_back_in_th
 
 
 def test_a_null_cache_dtype_leaves_run_ids_unchanged(cfg_factory):
-    from foca_bench.runner import identity
+    from foca_bench.identity import identity
 
     cfg = cfg_factory("method=foca")
     assert "dtype" not in identity(cfg, validate(cfg))["cache"]

@@ -11,17 +11,19 @@ from tests.conftest import TINY, flops_of, make_cfg, step_flops
 # The paper's Table 3 (DiT-XL/2, 256x256, CFG, DDIM): reference data, in TFLOPs.
 def _paper_table3() -> dict:
     """The paper's Table 3 FLOPs (results/paper/table3_dit.yaml) of the rows this issue reproduces."""
-    from foca_bench.tables import load_paper_tables
-
     out = {}
-    for row in load_paper_tables()["dit_xl_2"]["rows"]:
-        match = row["match"] or {}
-        steps = match.get("sampler.steps")
-        if match.get("method") == "none":
-            out[("none", steps)] = row["paper"]["flops_T"]
-        elif match.get("method") == "foca":
-            out[(f"foca{match['cache.N']}", steps)] = row["paper"]["flops_T"]
+    for run, paper in _paper_runs("none", "foca"):
+        out[("none" if run["method"] == "none" else f"foca{run['cache']['N']}", run["steps"])] = paper["flops_T"]
     return out
+
+
+def _paper_runs(*methods_: str) -> list[tuple[dict, dict]]:
+    """(what the row runs, the paper's numbers) of Table 3's rows of these methods (`tables.row_run`)."""
+    from foca_bench.tables import load_paper_tables, row_run
+
+    table = load_paper_tables()["dit_xl_2"]
+    runs = [(row_run(table["table"], row["row"], table["model"]), row["paper"]) for row in table["rows"] if row["row"]]
+    return [(run, paper) for run, paper in runs if run["method"] in methods_]
 
 
 PAPER_TABLE3 = _paper_table3()
@@ -102,10 +104,7 @@ def test_dit_xl_2_step_counts_compose_to_table3(dit_xl_2_steps, row, paper):
 
 def test_dit_xl_2_delta_dit_composes_to_table3(dit_xl_2_steps):
     """Delta-DiT with half of DiT-XL/2's 28 blocks cached reproduces the paper's Table 3 Delta-DiT FLOPs."""
-    from foca_bench.tables import load_paper_tables
-
-    paper = {row["match"]["cache.N"]: row["paper"]["flops_T"] for row in load_paper_tables()["dit_xl_2"]["rows"]
-             if row["match"] and row["match"]["method"] == "delta_dit"}
+    paper = {run["cache"]["N"]: values["flops_T"] for run, values in _paper_runs("delta_dit")}
     assert paper == {2: 18.04, 3: 16.14}
     cfg = make_cfg("model=dit_xl_2", "profile=flops_only")
     validate(cfg)

@@ -17,7 +17,7 @@ import torch
 
 import methods
 from foca_bench.config import validate
-from foca_bench.runner import identity
+from foca_bench.identity import identity
 from methods import replay
 from methods.foca import FoCaConfig
 from tests.test_replay import GRIDS, TRAJECTORIES, as_tensors, check, schedule

@@ -35,23 +35,22 @@ def hunyuan_cfg():
     return _adapter("model.true_cfg_scale=3.0")
 
 
-def generate(adapter, cache, labels=(0, 1), seeds=(0, 1), trace=False):
+def generate(adapter, cache, prompts=("a red car", "a green dog"), seeds=(0, 1), trace=False):
     cache = {"warmup": 2, **cache}
     with CacheEngine(methods.build(cache), adapter.sites(), trace=trace) as engine:
-        out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), STEPS, 6.0)
+        out = adapter.generate(engine, adapter.make_noise(list(seeds)), STEPS, 6.0, prompts=list(prompts))
     return out, engine
 
 
-def _pipeline_latents(adapter, labels=(0, 1), seeds=(0, 1)):
+def _pipeline_latents(adapter, prompts=("a red car", "a green dog"), seeds=(0, 1)):
     """diffusers' HunyuanVideoPipeline on the same transformer, scheduler, noise and prompt embeddings."""
     from diffusers import HunyuanVideoPipeline
 
     pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=adapter.transformer, vae=adapter.vae,
                                 scheduler=adapter.scheduler, text_encoder_2=None, tokenizer_2=None)
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.tensor(labels)
-    embeds, mask, pooled = adapter._prompt_embeddings(labels)
-    n_embeds, n_mask, n_pooled = adapter._prompt_embeddings(labels, negative=True)
+    embeds, mask, pooled = adapter._prompt_embeddings(list(prompts))
+    n_embeds, n_mask, n_pooled = adapter._prompt_embeddings(list(prompts), negative=True)
     m = adapter.cfg
     return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
                 negative_prompt_embeds=n_embeds, negative_pooled_prompt_embeds=n_pooled,
@@ -118,7 +117,7 @@ def test_attention_probe_matches_the_fused_attention_and_ignores_masked_prompt_t
 
     handle = site.module.register_forward_pre_hook(keep, with_kwargs=True)
     try:
-        generate(hunyuan, {"name": "none"}, labels=(0,), seeds=(0,))
+        generate(hunyuan, {"name": "none"}, prompts=("a red car",), seeds=(0,))
     finally:
         handle.remove()
     args, kwargs = captured["call"]
@@ -145,7 +144,7 @@ def test_attention_probe_matches_the_fused_attention_and_ignores_masked_prompt_t
 
 
 def test_decode_gives_videos_in_unit_range(hunyuan):
-    latents, _ = generate(hunyuan, {"name": "foca", "N": 3}, labels=(0,), seeds=(0,))
+    latents, _ = generate(hunyuan, {"name": "foca", "N": 3}, prompts=("a red car",), seeds=(0,))
     video = hunyuan.decode(latents)
     m = hunyuan.cfg
     assert video.shape == (1, 3, m.frames, m.resolution, m.width)

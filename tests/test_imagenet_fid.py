@@ -16,7 +16,7 @@ import pytest
 from evaluation.inception_fid import fid_is
 from foca_bench import REPO_DIR
 from foca_bench.benchmarks import MissingFileError
-from foca_bench.runner import run, sample_folder
+from foca_bench.runner import prepare, run
 from tests.conftest import TINY, make_cfg
 from tests.random_nets import save_random_inception
 
@@ -80,9 +80,7 @@ def test_killed_run_resumes_to_the_same_samples_and_metrics(files, tmp_path):
     slow = ("benchmark.samples_per_class=3", "benchmark.batch_size=1", "sampler.steps=40", "method=foca", "cache.N=3")
     whole = _run_py(*fid_overrides(files, tmp_path / "whole"), *slow)
     assert whole.wait(timeout=300) == 0, whole.stderr.read()
-    cfg = make_cfg(*fid_overrides(files, tmp_path / "killed"), *slow)
-    bench, method = type("B", (), {"name": "imagenet_fid"}), type("C", (), {"name": "foca"})
-    record_dir = sample_folder(cfg, bench, method, "x").parent
+    record_dir = prepare(make_cfg(*fid_overrides(files, tmp_path / "killed"), *slow)).samples.parent
     proc = _run_py(*fid_overrides(files, tmp_path / "killed"), *slow)
     deadline = time.time() + 120
     while time.time() < deadline and not list(record_dir.glob("*/0000[0-9][0-9].png")):
@@ -111,8 +109,7 @@ def test_killed_run_resumes_to_the_same_samples_and_metrics(files, tmp_path):
 
 def test_corrupt_sample_is_regenerated_not_used(files, tmp_path):
     record = run(make_cfg(*fid_overrides(files, tmp_path, "method=none")))
-    folder = sample_folder(make_cfg(*fid_overrides(files, tmp_path)), type("B", (), {"name": "imagenet_fid"}),
-                           type("C", (), {"name": "none"}), record["run_id"])
+    folder = Path(record["samples"]["folder"])
     victim = folder / "000003.png"
     good = victim.read_bytes()
     victim.write_bytes(good[:40])

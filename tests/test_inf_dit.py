@@ -21,7 +21,7 @@ from foca_bench.inf_dit import memory as memory_plan
 from foca_bench.inf_dit.checkpoint import UNUSED, CheckpointKeyError, load_into, map_state, original_names
 from foca_bench.inf_dit.model import ClipImageEmbedding, InfDiT, Strip
 from foca_bench.inf_dit.sampler import denoiser, edm_sigmas, evaluations, heun
-from foca_bench.runner import generate_batches
+from foca_bench.generation import generate, generate_examples
 from tests import build_inf_dit_golden as golden_build
 from tests.conftest import REPORTED, make_cfg
 
@@ -64,8 +64,8 @@ def _run(adapters, *overrides, measure_cache=False):
         cache = validate(cfg)
         adapter = adapters(cfg)
         stats: dict = {}
-        (_, images), = generate_batches(adapter, cache, cfg, torch.tensor([0, 1]), [0, 1], [range(0, 2)], stats,
-                                        measure_cache=measure_cache)
+        images, = generate(adapter, cache, cfg.sampler, [([0, 1], adapter.example_conditions(2))], stats,
+                           measure_cache=measure_cache)
         _RUNS[key] = images, stats, adapter, cfg, cache, adapter.memory_plan, adapter.memory_peak_bytes
     return _RUNS[key]
 
@@ -235,7 +235,7 @@ def test_step_axis_is_the_model_evaluation(adapters):
     cache = validate(cfg)
     adapter = adapters(cfg)
     with CacheEngine(methods.build(cache), adapter.sites(), trace=True) as engine:
-        adapter.generate(engine, torch.tensor([0]), adapter.make_noise([0]), STEPS, 1.0)
+        adapter.generate(engine, adapter.make_noise([0]), STEPS, 1.0, **adapter.example_conditions(1))
         trace = engine.trace_tensors()
     sigmas = edm_sigmas(STEPS).tolist()
     expected = [sigmas[0]] + [s for s in sigmas[1:-1] for _ in range(2)]
@@ -303,12 +303,13 @@ def test_memory_at_2048_the_issue_figures():
 def test_flops_at_2048_per_evaluation():
     """The counts docs/models.md quotes (meta device, 2048x2048): a full evaluation 451.33 T, a skipped one (attention
     and MLP forecast) 8.77 T, the CLIP embedding 0.16 T once; 20 steps = 17,601.9 T. About a minute on 2 cores."""
-    from foca_bench.runner import _count_flops
+    from foca_bench.profiling import count_flops
 
     def count(*overrides):
         cfg = make_cfg("model=inf_dit", "profile=flops_only", *overrides)
         cache = validate(cfg)
-        return _count_flops(build_adapter(cfg.model, "cpu"), cache, cfg) / 1e12
+        adapter = build_adapter(cfg.model, "cpu")
+        return count_flops(lambda: generate_examples(adapter, cache, cfg.sampler, 1)) / 1e12
 
     one, three = count("method=none", "sampler.steps=1"), count("method=none", "sampler.steps=2")
     forecast = count("method=foca", "cache.N=99", "cache.warmup=0", "sampler.steps=2")

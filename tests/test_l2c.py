@@ -46,7 +46,7 @@ def _run(adapter, cache, steps):
     method = methods.build(cache)
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, torch.tensor([1, 2]), adapter.make_noise([0, 1]), steps, 1.5)
+            adapter.generate(engine, adapter.make_noise([0, 1]), steps, 1.5, class_labels=torch.tensor([1, 2]))
     finally:
         for h in hooks:
             h.remove()

@@ -25,13 +25,13 @@ def mmdit(request):
     return build_adapter(cfg.model, "cpu")
 
 
-def generate(adapter, cache, labels=(0, 1), seeds=(0, 1), steps=STEPS):
-    if cache["name"] in ("toca", "duca"):  # the official FLUX and HunyuanVideo schedule (model.method_defaults)
+def generate(adapter, cache, prompts=("a red car", "a green dog"), seeds=(0, 1), steps=STEPS):
+    if cache["name"] in ("toca", "duca"):  # the official FLUX and HunyuanVideo schedule (conf/model_method/)
         cache = {"score": "random", "force_schedule": "interval", **cache}
     cache = {"warmup": 2, **cache}
     with CacheEngine(methods.build(cache), adapter.sites()) as engine:
-        out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), steps,
-                               adapter.cfg.guidance_scale)
+        out = adapter.generate(engine, adapter.make_noise(list(seeds)), steps, adapter.cfg.guidance_scale,
+                               prompts=list(prompts))
     return out, engine
 
 
@@ -96,11 +96,11 @@ def test_partial_steps_run_only_the_token_wise_mlps(mmdit):
 
 def _reaches_output(adapter, module: nn.Module) -> bool:
     """Whether perturbing `module`'s output changes the model's output (one full step)."""
-    reference = generate(adapter, {"name": "none"}, labels=(0,), seeds=(0,), steps=1)[0]
+    reference = generate(adapter, {"name": "none"}, prompts=("a red car",), seeds=(0,), steps=1)[0]
     hook = module.register_forward_hook(
         lambda m, a, out: tuple(o + 1.0 for o in out) if isinstance(out, tuple) else out + 1.0)
     try:
-        perturbed = generate(adapter, {"name": "none"}, labels=(0,), seeds=(0,), steps=1)[0]
+        perturbed = generate(adapter, {"name": "none"}, prompts=("a red car",), seeds=(0,), steps=1)[0]
     finally:
         hook.remove()
     return not torch.equal(reference, perturbed)

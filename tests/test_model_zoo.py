@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import methods
+from foca_bench import REPO_DIR
 from foca_bench.adapters import build_adapter
 from foca_bench.config import validate
-from foca_bench.runner import generate_batches
+from foca_bench.generation import generate_examples
 from tests.conftest import REPORTED, TINY_MODELS, make_cfg, write_router
 
 STEPS = 8
@@ -39,9 +40,7 @@ def adapters():
 
 
 def _images(adapter, cfg, cache):
-    labels = torch.tensor([0, 1])
-    batches = list(generate_batches(adapter, cache, cfg, labels, [0, 1], [range(0, 2)], {}))
-    return batches[0][1]
+    return generate_examples(adapter, cache, cfg.sampler, 2)  # seeds 0 and 1, classes 0 and 1 or the example prompt
 
 
 # calibrations and routers are made for one step count (the shipped ones for 50 steps): these tests bring their own
@@ -55,7 +54,8 @@ PER_STEPS = {"smoothcache": ("cache.alpha=0.2", f"+cache.errors.attn={_rows('0.1
 
 def _config(model, method, *extra):
     cfg = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", *PER_STEPS.get(method, ()), *extra)
-    if not cfg.model.method_defaults.get(method) and method not in PER_STEPS and not extra:
+    calibrated = (REPO_DIR / "conf/model_method" / f"{model}_{method}.yaml").is_file()
+    if not calibrated and method not in PER_STEPS and not extra:
         cfg = make_cfg(*MODELS[model], f"method={method}", f"sampler.steps={STEPS}", *UNCALIBRATED.get(method, ()))
     return cfg, validate(cfg)
 

@@ -281,7 +281,7 @@ def run_tiny(adapter, cache, steps):
     from foca_bench.hooks import CacheEngine
 
     with CacheEngine(methods.build(cache), adapter.sites()) as engine:
-        out = adapter.generate(engine, torch.tensor([3]), adapter.make_noise([0]), steps, 3.0)
+        out = adapter.generate(engine, adapter.make_noise([0]), steps, 3.0, class_labels=torch.tensor([3]))
     return out, engine
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from foca_bench import REPO_DIR
 from foca_bench.adapters import build_adapter
 from foca_bench.adapters.base import MissingWeightsError
 from foca_bench.config import validate
-from foca_bench.records import atomic_write_json, iter_records, run_id
+from foca_bench.identity import identity, run_id
+from foca_bench.records import atomic_write_json
+from foca_bench.results import load
 from foca_bench.runner import run
 from foca_bench.tables import write_tables
 from tests.conftest import REPORTED, TINY, make_cfg
@@ -35,7 +38,7 @@ def test_run_writes_records_and_tables(tmp_path):
     assert 0.0 < foca["metrics"]["rel_l2"]["value"]
     assert foca["samples"]["full_steps"] == 1 + 3  # steps 0, 1, 4, 7 of 8
     assert foca["config"]["cache"]["warmup"] == 1 and foca["environment"]["packages"]["diffusers"]
-    paths = [p for p, _ in iter_records(tmp_path)]
+    paths = [Path(p) for p in load(tmp_path)["record"]]
     assert len(paths) == 2 and all(p.parent.parent.parent.name == "toy_fid" for p in paths)
     assert all(not p.name.startswith(".") for p in tmp_path.rglob("*.json"))  # no temp files left
     # rerun skips; force reruns
@@ -68,9 +71,6 @@ def test_run_id_ignores_paths_and_is_stable():
 
 
 def test_a_models_tiny_block_is_not_part_of_a_full_size_runs_identity():
-    from foca_bench.config import validate
-    from foca_bench.runner import identity
-
     def rid(*overrides):
         cfg = make_cfg("model=flux", *overrides)
         return run_id(identity(cfg, validate(cfg)))
@@ -139,7 +139,8 @@ def test_shipped_toy_model_draws_recognisable_digits():
     adapter = build_adapter(cfg.model, "cpu")
     labels = torch.arange(10).repeat_interleave(5)
     with CacheEngine(methods.build({"name": "none"}), adapter.sites()) as engine:
-        latents = adapter.generate(engine, labels, adapter.make_noise(list(range(50))), 50, cfg.sampler.guidance_scale)
+        latents = adapter.generate(engine, adapter.make_noise(list(range(50))), 50, cfg.sampler.guidance_scale,
+                                   class_labels=labels)
     images = adapter.decode(latents)
     classifier = load_classifier()
     accuracy = (classifier(images).argmax(1) == labels).float().mean().item()

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from foca_bench import REPO_DIR
-from foca_bench.records import iter_records, record_path, run_id
+from foca_bench.records import record_files, record_path
 from foca_bench.runner import run
 from tests.conftest import TINY, make_cfg
 from tests.wandb_log import logged
@@ -29,7 +29,7 @@ def _multirun(tmp_path, *overrides):
 def test_submitit_local_multirun_records_every_cell_and_a_rerun_skips_them(tmp_path):
     cells = "method=none,fora,taylorseer,foca"
     _multirun(tmp_path, cells, "cache.N=2")
-    records = {r["method"]: (p, r) for p, r in iter_records(tmp_path)}
+    records = {r["method"]: (p, r) for p in record_files(tmp_path) for r in [json.loads(p.read_text())]}
     assert set(records) == {"none", "fora", "taylorseer", "foca"}
     for method, (path, rec) in records.items():  # every job wrote a complete record of its own cell
         assert rec["config"]["cache"]["name"] == method and "fid" in rec["metrics"] and rec["profile"]["flops"] > 0
@@ -38,7 +38,7 @@ def test_submitit_local_multirun_records_every_cell_and_a_rerun_skips_them(tmp_p
     assert {m: p.stat().st_mtime_ns for m, (p, _) in records.items()} == mtimes
     logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*.log"))
     assert logs.count("Record exists, skipping") == 4
-    assert len(list(iter_records(tmp_path))) == 4
+    assert len(record_files(tmp_path)) == 4
 
 
 FLOPS_ONLY = (*TINY, "sampler.steps=4", "profile.benchmark=false", "profile.latency=false", "method=foca")
@@ -48,11 +48,9 @@ FLOPS_ONLY = (*TINY, "sampler.steps=4", "profile.benchmark=false", "profile.late
 def test_a_sweep_runs_every_cell_and_lists_the_failed_ones(tmp_path, launcher):
     """Cells N=2, 0 (invalid), 3 (its record corrupt on disk), 4: the sweep records N=2 and N=4, exits 1 and lists
     N=0 and N=3 with their reasons. `local` (submitit, a process per cell; slow) notes outcomes from its workers."""
-    from foca_bench.config import validate
-    from foca_bench.runner import identity
+    from foca_bench.runner import prepare
 
-    cfg = make_cfg(*FLOPS_ONLY, "cache.N=3", f"results_dir={tmp_path}")
-    corrupt = record_path(tmp_path, "flops", "toy_dit", "foca", run_id(identity(cfg, validate(cfg))))
+    corrupt = prepare(make_cfg(*FLOPS_ONLY, "cache.N=3", f"results_dir={tmp_path}")).record
     corrupt.parent.mkdir(parents=True)
     corrupt.write_text('{"run_id": "trunc')
     launch = ["hydra/launcher=local", "hydra.launcher.cpus_per_task=1"] if launcher == "local" else []
@@ -98,6 +96,6 @@ def test_wandb_offline_run_directory_holds_the_metrics_and_the_table(tmp_path):
     assert set(tables) == {"row", "table"}
     assert tables["table"]["data"][0][-1] == f"`{record['run_id']}`" and "FID ↓" in tables["table"]["columns"]
     assert list(run_dir.glob("files/media/images/*.png"))  # the sample grid
-    from foca_bench.records import run_id
+    from foca_bench.identity import run_id
 
     assert run_id(record["config"]) == record["run_id"] == run_id({**record["config"], "logger": {"name": "none"}})

@@ -1,15 +1,23 @@
 """Tables and figures from records: the paper's reference data, row matching, LaTeX, and the figure analyses
 checked against closed forms."""
 
+import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 
+from foca_bench import REPO_DIR
+from foca_bench.adapters import ADAPTERS
+from foca_bench.config import validate
 from foca_bench.figures import ten_step_errors, forecast_errors, stiffness, write_figures
+from foca_bench.identity import identity
 from foca_bench.records import atomic_write_json, record_path
-from foca_bench.tables import (Table, build_paper_table, load_paper_tables, matches, to_latex, to_markdown,
-                               write_tables)
+from foca_bench.results import frame, load
+from foca_bench.tables import (FAULT, Table, build_paper_table, load_paper_tables, matches, row_run, to_latex,
+                               to_markdown, write_tables)
+from tests.conftest import make_cfg
 
 PAPER = load_paper_tables()
 
@@ -21,8 +29,7 @@ def test_paper_reference_data_is_complete_and_self_consistent():
     assert set(PAPER) == {"flux", "hunyuan_video", "dit_xl_2", "inf_dit"}
     for model, table in PAPER.items():
         base = table["rows"][0]["paper"]
-        original = {"method": "none", "sampler.steps": 20 if model == "inf_dit" else 50}  # Inf-DiT: 20 Heun steps
-        assert table["rows"][0]["match"] == original
+        assert table["rows"][0]["row"] == "none"
         for row in table["rows"]:
             values = row["paper"]
             assert set(values) == set(table["columns"]), (model, row["label"])
@@ -34,51 +41,78 @@ def test_paper_reference_data_is_complete_and_self_consistent():
                 assert agrees != (key in row.get("inconsistent", {})), (model, row["label"], key, value)
 
 
-def test_step_reduction_rows_are_the_fraction_of_steps_they_name():
+def test_each_paper_row_is_defined_once_by_its_row_file():
+    """A paper row names its run, `conf/row/<table>/<row>.yaml`, whose first comment names the paper's row; what
+    the row runs is that file composed (no second description of the run in the paper's YAML)."""
     for table in PAPER.values():
         for row in table["rows"]:
-            if row["match"] and row["match"]["method"] == "none":
-                ratio = row["match"]["sampler.steps"] / table["rows"][0]["match"]["sampler.steps"]
+            assert "match" not in row
+            if row["row"] is None:
+                continue
+            path = REPO_DIR / "conf" / "row" / table["table"] / f"{row['row']}.yaml"
+            assert path.is_file(), path
+            assert path.read_text().splitlines()[1].startswith("# Row of"), path
+    run = row_run("table3_dit", "toca_n3", "dit_xl_2")
+    assert run["method"] == "toca" and run["steps"] == 50
+    assert run["cache"]["N"] == 3 and run["cache"]["force_schedule"] == "interval"
+
+
+def test_step_reduction_rows_are_the_fraction_of_steps_they_name():
+    for table in PAPER.values():
+        original = row_run(table["table"], table["rows"][0]["row"], table["model"])  # Inf-DiT: 20 Heun steps
+        assert original["method"] == "none" and original["steps"] == (20 if table["model"] == "inf_dit" else 50)
+        for row in table["rows"]:
+            run = row_run(table["table"], row["row"], table["model"]) if (row["row"] or "").startswith("none") else None
+            if run and run["method"] == "none":
+                ratio = run["steps"] / original["steps"]
                 assert row["paper"]["flops_T"] == pytest.approx(table["rows"][0]["paper"]["flops_T"] * ratio,
                                                                 rel=0.001), row["label"]
 
 
-def _record(tmp_path, method, cache, steps=50, flops=1e12, metrics=None, model="dit_xl_2", name="r"):
-    config = {"cache": {"name": method, **cache}, "sampler": {"steps": steps}, "model": {"name": model, "warmup": 1}}
-    rec = {"run_id": f"{name}", "benchmark": "flops", "model": model, "method": method, "config": config,
-           "profile": {"flops": flops, "flops_speedup": 23.74e12 / flops}, "samples": {"steps": steps},
-           "metrics": metrics or {}}
-    path = record_path(tmp_path, "flops", model, method, name)
+def _record(tmp_path, *overrides, flops=1e12, metrics=None, model="dit_xl_2", name="r", faults=None):
+    """A record of the run `overrides` describe (its real identity), with made-up numbers."""
+    cfg = make_cfg(f"model={model}", "profile=flops_only", *overrides)
+    cache = validate(cfg)
+    rec = {"run_id": name, "benchmark": "flops", "model": model, "method": cache.name,
+           "config": identity(cfg, cache), "profile": {"flops": flops, "flops_speedup": 23.74e12 / flops},
+           "samples": {"steps": cfg.sampler.steps}, "metrics": metrics or {}}
+    if faults:
+        rec["faults"] = faults
+    path = record_path(tmp_path, "flops", model, cache.name, name)
     atomic_write_json(path, rec)
     return path, rec
 
 
-def test_records_take_the_paper_row_they_reproduce_and_others_are_listed_as_ours_only(tmp_path):
-    foca = _record(tmp_path, "foca", {"N": 5, "warmup": 1, "slope": "full", "corrector": "heun", "time": "step"},
-                   flops=5.266e12, name="foca5")
-    local = _record(tmp_path, "foca", {"N": 5, "warmup": 1, "slope": "local", "corrector": "heun", "time": "step"},
-                    flops=5.266e12, name="foca5local")
-    none25 = _record(tmp_path, "none", {}, steps=25, flops=11.867e12, name="ddim25")
-    assert matches(foca[1], {"method": "foca", "sampler.steps": 50, "cache.N": 5})
-    assert not matches(local[1], {"method": "foca", "sampler.steps": 50, "cache.N": 5})  # a non-default knob
-    assert not matches(foca[1], {"method": "foca", "sampler.steps": 50, "cache.N": 3})
+def _rows(table):
+    return {r[0]: list(r) for r in table.frame.itertuples(index=False)}
 
-    table = build_paper_table(PAPER["dit_xl_2"], [foca, local, none25], "t")
-    rows = {r[0]: r for r in table.rows}
-    col = table.header.index("FLOPs(T) ↓ (ours)")
-    assert table.header[col + 1] == "FLOPs(T) ↓ (paper)"
+
+def test_records_take_the_paper_row_they_reproduce_and_others_are_listed_as_ours_only(tmp_path):
+    foca = _record(tmp_path, "method=foca", "cache.N=5", flops=5.266e12, name="foca5")
+    local = _record(tmp_path, "method=foca", "cache.N=5", "cache.slope=local", flops=5.266e12, name="foca5local")
+    none25 = _record(tmp_path, "method=none", "sampler.steps=25", flops=11.867e12, name="ddim25")
+    df = frame([foca, local, none25])
+    foca_row, local_row = df.iloc[0], df.iloc[1]
+    assert matches(foca_row, row_run("table3_dit", "foca_n5", "dit_xl_2"))
+    assert not matches(local_row, row_run("table3_dit", "foca_n5", "dit_xl_2"))  # a non-default knob
+    assert not matches(foca_row, row_run("table3_dit", "foca_n3", "dit_xl_2"))
+
+    table = build_paper_table(PAPER["dit_xl_2"], df, "t")
+    rows = _rows(table)
+    col = list(table.frame.columns).index("FLOPs(T) ↓ (ours)")
+    assert table.frame.columns[col + 1] == "FLOPs(T) ↓ (paper)"
     assert rows["FoCa (N=5)"][col] == f"5.2660 ({100 * (5.266 - 5.24) / 5.24:+.2f}%)"
     assert rows["FoCa (N=5)"][col + 1] == "5.2400" and rows["FoCa (N=5)"][-1] == "`foca5`"
     assert rows["DDIM-25 steps"][col].startswith("11.8670") and rows["DDIM-25 steps"][-1] == "`ddim25`"
     assert rows["FoCa (N=3)"][col] == "—" and rows["FoCa (N=3)"][-1] == "paper only"
     assert rows["L2C (NFE=30)"][-1] == "paper only"
     assert rows["FoCa (N=5, slope=local) (ours only)"][-1] == "`foca5local`"
-    assert [r[0] for r in table.rows][:3] == ["DDIM-50 steps", "DDIM-25 steps", "L2C (NFE=30)"]  # paper order
+    assert list(rows)[:3] == ["DDIM-50 steps", "DDIM-25 steps", "L2C (NFE=30)"]  # paper order
 
 
 def test_markdown_and_latex_carry_the_same_cells(tmp_path):
-    table = Table("FoCa & friends_1", ["Method", "FLOPs(T) ↓", "Speed ↑"], [["FoCa (N=5)", "5.24", "4.53×"]],
-                  ["100% from records"])
+    table = Table("FoCa & friends_1", pd.DataFrame([["FoCa (N=5)", "5.24", "4.53×"]],
+                                                   columns=["Method", "FLOPs(T) ↓", "Speed ↑"]), ["100% from records"])
     md, tex = to_markdown(table), to_latex(table)
     assert "| FoCa (N=5) | 5.24 | 4.53× |" in md
     assert r"FoCa (N=5) & 5.24 & 4.53$\times$ \\" in tex
@@ -86,12 +120,43 @@ def test_markdown_and_latex_carry_the_same_cells(tmp_path):
     assert tex.count(r"\\") == 2  # header + one row
 
 
-def test_write_tables_writes_markdown_and_latex_for_each_group(tmp_path):
-    _record(tmp_path, "none", {}, flops=23.733e12, name="ddim50")
+def test_write_tables_writes_markdown_latex_and_every_record_as_csv(tmp_path):
+    _record(tmp_path, "method=none", flops=23.733e12, name="ddim50")
+    _record(tmp_path, "method=foca", "cache.N=5", flops=5.266e12, name="foca5")
     (md,) = write_tables(tmp_path, tmp_path / "tables")
     assert md.name == "flops_dit_xl_2.md" and md.with_suffix(".tex").is_file()
     text = md.read_text()
     assert "23.7330 (-0.03%)" in text and "paper table3_dit" in text and "results/paper/table3_dit.yaml" in text
+    csv = pd.read_csv(tmp_path / "tables" / "records.csv")
+    assert sorted(csv["run_id"]) == ["ddim50", "foca5"] and csv.loc[csv.run_id == "foca5", "config.cache.N"].item() == 5
+
+
+def test_a_faulted_value_is_marked_and_an_unreadable_record_is_named_and_skipped(tmp_path):
+    """A metric the record lists under `faults` (written as null) shows as non-finite; a truncated record and a
+    JSON file that is no record are reported by path, and every other table still renders."""
+    nan = {"fid": {"value": None, "higher_is_better": False}, "is": {"value": 200.0, "higher_is_better": True}}
+    _record(tmp_path, "method=foca", "cache.N=5", name="foca5", metrics=nan,
+            faults=[{"field": "metrics.fid.value", "value": "nan"}])
+    _record(tmp_path, "method=none", name="ddim50", metrics={"fid": {"value": 2.3, "higher_is_better": False}})
+    flux = _record(tmp_path, "method=none", model="flux", name="flux50")[0]
+    truncated = record_path(tmp_path, "flops", "hunyuan_video", "none", "cut")
+    truncated.parent.mkdir(parents=True)
+    truncated.write_text(flux.read_text()[:100])
+    stray = record_path(tmp_path, "flops", "hunyuan_video", "none", "stray")
+    stray.write_text(json.dumps({"hello": 1}))
+    with pytest.warns(UserWarning) as caught:
+        written = write_tables(tmp_path, tmp_path / "tables")
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(truncated) in messages and str(stray) in messages
+    assert sorted(p.name for p in written) == ["flops_dit_xl_2.md", "flops_flux.md"]
+    with pytest.warns(UserWarning):
+        df = load(tmp_path)
+    table = build_paper_table(PAPER["dit_xl_2"], df[df.model == "dit_xl_2"], "t")
+    rows, header = _rows(table), list(table.frame.columns)
+    fid, is_ = header.index("FID ↓ (ours)"), header.index("IS ↑ (ours)")
+    assert rows["FoCa (N=5)"][fid] == FAULT and rows["FoCa (N=5)"][is_].startswith("200.000")
+    assert rows["DDIM-50 steps"][fid].startswith("2.300")
+    assert FAULT in (tmp_path / "tables" / "flops_dit_xl_2.md").read_text()
 
 
 # -- figure analyses: closed forms ---------------------------------------------------------------------------------

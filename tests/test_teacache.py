@@ -85,7 +85,7 @@ def test_full_steps_fall_monotonically_with_the_threshold_and_skipped_steps_run_
         method = methods.build({"name": "teacache", "l": l, "coefficients": coefficients})
         try:
             with CacheEngine(method, adapter.sites(), trace=True) as engine:
-                adapter.generate(engine, labels, noise, 50, 1.5)
+                adapter.generate(engine, noise, 50, 1.5, class_labels=labels)
         finally:
             for h in hooks:
                 h.remove()

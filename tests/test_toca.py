@@ -123,7 +123,7 @@ def test_attention_score_picks_the_most_attended_tokens():
 def generate(adapter, method, labels=(1, 7), seeds=(0, 1), engine_class=CacheEngine, **engine_kwargs):
     method = methods.build({"warmup": 1, **method}) if isinstance(method, dict) else method
     with engine_class(method, adapter.sites(), **engine_kwargs) as engine:
-        out = adapter.generate(engine, torch.tensor(labels), adapter.make_noise(list(seeds)), STEPS, 3.0)
+        out = adapter.generate(engine, adapter.make_noise(list(seeds)), STEPS, 3.0, class_labels=torch.tensor(labels))
     return out, engine
 
 
@@ -208,11 +208,11 @@ def test_recomputed_tokens_bring_the_trained_toy_closer_to_full_compute(toy):
 
     def error(cache):
         with CacheEngine(methods.build({"warmup": 1, "N": 3, **cache}), toy.sites()) as engine:
-            out = toy.generate(engine, labels, noise, 50, 1.5)
+            out = toy.generate(engine, noise, 50, 1.5, class_labels=labels)
         return ((out - reference).norm() / reference.norm()).item()
 
     with CacheEngine(methods.build({"name": "none"}), toy.sites()) as engine:
-        reference = toy.generate(engine, labels, noise, 50, 1.5)
+        reference = toy.generate(engine, noise, 50, 1.5, class_labels=labels)
     interval = {"force_schedule": "interval", "score": "attention"}
     fora, duca = error({"name": "fora"}), error({"name": "duca", **interval})
     toca, toca_more = error({"name": "toca", **interval}), error({"name": "toca", **interval, "fresh_ratio": 0.3})

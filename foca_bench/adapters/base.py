@@ -2,7 +2,7 @@
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,14 @@ class Adapter(ABC):
     Args:
         cfg: the `model` config node.
         device: torch device string.
+
+    Class attributes:
+        condition: the keyword argument of `generate` that conditions each sample, as diffusers' pipelines take
+            them: `class_labels` (B,), `prompts` (B strings) or `low_res` (B, 3, h, w) in [0, 1]. A benchmark's
+            samples fill it (`Benchmark.conditions`); a benchmark conditioning on another is refused up front.
     """
 
+    condition: ClassVar[str] = "class_labels"
     vae: Optional[torch.nn.Module] = None  # set by adapters whose latents a VAE decodes
     lineages: tuple[str, ...] = ("diffusers",)  # the sampler lineages (`sampler.lineage`) its loop can run
 
@@ -73,9 +79,16 @@ class Adapter(ABC):
         """Initial noise, one generator per sample seed, so a sample does not depend on its batch."""
 
     @abstractmethod
-    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
-        """Runs the sampling loop of `lineage` (one of `lineages`); returns latents (B, C, H, W)."""
+    def generate(self, engine: CacheEngine, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers",
+                 **conditions: Any) -> Tensor:
+        """Runs the sampling loop of `lineage` (one of `lineages`) on `noise` conditioned on `conditions` (the
+        keyword `condition` names, one entry per sample); returns latents (B, C, H, W)."""
+
+    def example_conditions(self, n: int, start: int = 0) -> dict:
+        """Conditions of `n` samples for profiling, tracing and calibration, where no benchmark gives them: class
+        labels start..start+n-1 (modulo the classes)."""
+        return {"class_labels": torch.arange(start, start + n) % max(self.cfg.num_classes, 1)}
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
@@ -92,6 +105,26 @@ class Adapter(ABC):
         """A VAE's (or a pixel-space model's) output in [-1, 1] -> float32 in [0, 1] on the CPU, as `decode`
         returns it."""
         return ((decoded.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    @classmethod
+    def weights_location(cls, cfg: Any) -> str:
+        """Where pretrained weights are read: `model.path`, else the hub id (in the local Hugging Face cache)."""
+        return str(cfg.path or cfg.hub_id)
+
+    @classmethod
+    def weight_files(cls, cfg: Any) -> tuple[str, list[Path]]:
+        """(location, the config and index files of its weights: `model_index.json`, `transformer/config.json`,
+        `transformer/*.index.json`), hashed into a run's identity; no files where the weights are not local."""
+        location = cls.weights_location(cfg)
+        folder = Path(location).expanduser()
+        if not folder.is_dir() and location.count("/") == 1 and not location.startswith((".", "/", "~")):
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(location, "transformer/config.json")
+            folder = Path(found).parent.parent if isinstance(found, str) else folder
+        files = [folder / "model_index.json", folder / "transformer" / "config.json",
+                 *sorted((folder / "transformer").glob("*.index.json"))]
+        return location, [f for f in files if f.is_file()]
 
     @staticmethod
     def local_file(location: str, name: str) -> Optional[Path]:

@@ -130,12 +130,11 @@ class DiTAdapter(Adapter):
         self.null_class = cfg.num_classes  # diffusers' LabelEmbedding appends the CFG null class last
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def _weights_location(self) -> str:
-        if self.cfg.path:
-            return str(self.cfg.path)
-        if self.cfg.name in BUNDLED:
-            return str(BUNDLED[self.cfg.name])
-        return str(self.cfg.hub_id)
+    @classmethod
+    def weights_location(cls, cfg: Any) -> str:
+        if not cfg.path and cfg.name in BUNDLED:
+            return str(BUNDLED[cfg.name])
+        return super().weights_location(cfg)
 
     @classmethod
     def refuse(cls, model_cfg: Any, cache: Any) -> Optional[str]:
@@ -151,7 +150,7 @@ class DiTAdapter(Adapter):
         return None
 
     def _load_transformer(self) -> torch.nn.Module:
-        location = self._weights_location()
+        location = self.weights_location(self.cfg)
         config = self.local_file(location, "transformer/config.json")
         if self.cfg.weights == "pretrained" and config is None:
             raise self._missing(location, "transformer")
@@ -193,7 +192,7 @@ class DiTAdapter(Adapter):
                                 norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
             return vae.to(self.device, self.dtype).eval().requires_grad_(False)
-        location = self._weights_location()
+        location = self.weights_location(self.cfg)
         if not self.has_local_weights(location, "vae"):
             raise self._missing(location, "vae")
         vae = self.from_pretrained(AutoencoderKL, location, "vae")
@@ -250,8 +249,9 @@ class DiTAdapter(Adapter):
         return torch.cat(noise).to(self.device, self.dtype)  # (B, C, H, W), identical on every device
 
     @torch.inference_mode()
-    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
+    def generate(self, engine: CacheEngine, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers", *,
+                 class_labels: Tensor) -> Tensor:
         cfg = guidance_scale > 1.0
         engine.reset(batched_cfg=cfg)  # every generation starts from a clean cache
         if guided_channels is None:
@@ -266,7 +266,7 @@ class DiTAdapter(Adapter):
             denoise = lambda eps, i, t, x: self.scheduler.step(eps, t, x).prev_sample
         else:
             raise ValueError(f"sampler.lineage={lineage!r}: choose from {self.lineages}.")
-        labels = labels.to(self.device)
+        labels = class_labels.to(self.device)  # (B,)
         uncond_first = cfg and engine.method.uncond_first  # FasterCache's hooks read the batch as [uncond; cond]
         if cfg:
             null = torch.full_like(labels, self.null_class)

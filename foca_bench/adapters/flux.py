@@ -67,33 +67,30 @@ class FluxAdapter(MMDiTAdapter):
         packed = FluxPipeline._pack_latents(torch.cat(noise), len(seeds), channels, side, side)
         return packed.to(self.device, self.dtype)  # (B, tokens, 64), identical on every device
 
-    def _prompt_embeddings(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(prompt_embeds (B, text_tokens, joint_dim), pooled (B, pooled_dim)) for the prompts `labels` index."""
+    def _prompt_embeddings(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(prompt_embeds (B, text_tokens, joint_dim), pooled (B, pooled_dim)) of the prompts."""
         arch = self.transformer.config
-        B, T = len(labels), self.cfg.text_tokens
+        B, T = len(prompts), self.cfg.text_tokens
         if self.device.type == "meta":
             return (torch.empty(B, T, arch.joint_attention_dim, device="meta", dtype=self.dtype),
                     torch.empty(B, arch.pooled_projection_dim, device="meta", dtype=self.dtype))
         if self.pipeline is None:  # random weights: seeded random embeddings, one generator per prompt index
-            embeds, pooled, _ = self.seeded_prompts([int(k) for k in labels], arch.joint_attention_dim)
+            embeds, pooled, _ = self.seeded_prompts(self.prompt_keys(prompts), arch.joint_attention_dim)
             return embeds, pooled
-        if not self.prompts:
-            raise ValueError("FLUX generates from prompts: run it with a text benchmark (benchmark=drawbench), "
-                             "which sets them.")
-        texts = [self.prompts[int(k)] for k in labels]
-        embeds, pooled, _ = self.pipeline.encode_prompt(texts, prompt_2=None, device=self.device,
+        embeds, pooled, _ = self.pipeline.encode_prompt(list(prompts), prompt_2=None, device=self.device,
                                                         max_sequence_length=T)
         return embeds, pooled
 
     @torch.inference_mode()
-    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
+    def generate(self, engine: CacheEngine, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers", *,
+                 prompts: list[str]) -> Tensor:
         from diffusers import FluxPipeline
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         engine.reset()  # every generation starts from a clean cache; no CFG batch (guidance is embedded)
         B, tokens = noise.shape[0], noise.shape[1]
-        embeds, pooled = self._prompt_embeddings(labels)
+        embeds, pooled = self._prompt_embeddings(prompts)
         side = self._latent_side() // 2
         img_ids = FluxPipeline._prepare_latent_image_ids(B, side, side, self.device, self.dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)

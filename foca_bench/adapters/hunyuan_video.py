@@ -101,30 +101,28 @@ class HunyuanVideoAdapter(MMDiTAdapter):
         mask = torch.stack([torch.arange(T) < n for n in lengths]).to(self.device, self.dtype)
         return embeds, mask, pooled
 
-    def _prompt_embeddings(self, labels: Tensor, negative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """(prompt_embeds, attention mask, pooled) for the prompts `labels` index, or for the negative prompt."""
-        arch, B, T = self.transformer.config, len(labels), self.cfg.text_tokens
+    def _prompt_embeddings(self, prompts: list[str], negative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """(prompt_embeds, attention mask, pooled) of the prompts, or of as many negative prompts."""
+        arch, B, T = self.transformer.config, len(prompts), self.cfg.text_tokens
         if self.device.type == "meta":
             return (torch.empty(B, T, arch.text_embed_dim, device="meta", dtype=self.dtype),
                     torch.ones(B, T, device="meta", dtype=self.dtype),
                     torch.empty(B, arch.pooled_projection_dim, device="meta", dtype=self.dtype))
         if self.pipeline is None:
-            return self._random_prompt([-1] * B if negative else [int(k) for k in labels])
-        if not negative and not self.prompts:
-            raise ValueError("HunyuanVideo generates from prompts: run it with a text benchmark (benchmark=vbench), "
-                             "which sets them.")
-        texts = [self.cfg.negative_prompt] * B if negative else [self.prompts[int(k)] for k in labels]
+            return self._random_prompt([-1] * B if negative else self.prompt_keys(prompts))
+        texts = [self.cfg.negative_prompt] * B if negative else list(prompts)
         embeds, pooled, mask = self.pipeline.encode_prompt(texts, device=self.device, max_sequence_length=T)
         return embeds.to(self.dtype), mask.to(self.dtype), pooled.to(self.dtype)
 
     @torch.inference_mode()
-    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
+    def generate(self, engine: CacheEngine, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers", *,
+                 prompts: list[str]) -> Tensor:
         engine.reset()  # every generation starts from a clean cache
         B = noise.shape[0]
-        cond = self._prompt_embeddings(labels)
+        cond = self._prompt_embeddings(prompts)
         true_cfg = float(self.cfg.true_cfg_scale)
-        uncond = self._prompt_embeddings(labels, negative=True) if true_cfg > 1 else None
+        uncond = self._prompt_embeddings(prompts, negative=True) if true_cfg > 1 else None
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device="cpu")
         guidance = (torch.full((B,), guidance_scale, device=self.device, dtype=self.dtype) * 1000.0
                     if self.transformer.config.guidance_embeds else None)

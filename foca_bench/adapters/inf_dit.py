@@ -60,7 +60,7 @@ def _modulated_input(block: torch.nn.Module) -> Callable[[tuple, dict], Tensor]:
 
 @register_adapter("inf_dit")
 class InfDiTAdapter(Adapter):
-    super_resolves = True
+    condition = "low_res"  # (B, 3, h, w) in [0, 1]: benchmark=div8k's inputs
 
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)
@@ -69,7 +69,6 @@ class InfDiTAdapter(Adapter):
             raise ValueError(f"model.resolution={cfg.resolution} must be a multiple of Inf-DiT's block, "
                              f"{self.arch.block_pixels} px (block_size x patch_size).")
         self.blocks_per_side = cfg.resolution // self.arch.block_pixels
-        self.low_res: Optional[Callable[[int], np.ndarray]] = None  # benchmark=div8k: index -> (h, w, 3) uint8
         self.clip_source = "none"
         self.model, self.clip = self._build()
         self.memory_peak_bytes = 0  # strip mode's key/value memories at their peak, last generation
@@ -163,30 +162,33 @@ class InfDiTAdapter(Adapter):
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(noise).to(self.device, self.dtype)  # (B, 3, H, W), identical on every device
 
-    def low_res_images(self, labels: Tensor) -> Tensor:
-        """(B, 3, h, w) low-res inputs in [-1, 1]: `low_res(index)` when a benchmark gives them, else a seeded smooth
-        random image per label (profiling: FLOPs and latency do not depend on the content)."""
+    def example_conditions(self, n: int, start: int = 0) -> dict:
+        """Profiling's and traces' inputs, where no benchmark gives them: a seeded smooth random image per index
+        (FLOPs and latency do not depend on the content)."""
         side = self.cfg.resolution // self.arch.sr_scale
         if self.device.type == "meta":
-            return torch.empty(len(labels), 3, side, side, device="meta", dtype=self.dtype)
+            return {"low_res": torch.empty(n, 3, side, side, device="meta", dtype=self.dtype)}
         images = []
-        for k in labels.tolist():
-            if self.low_res is not None:
-                image = np.asarray(self.low_res(int(k)))
-                if image.shape != (side, side, 3):
-                    raise ValueError(f"The low-res input is {image.shape[1]}x{image.shape[0]}; model.resolution="
-                                     f"{self.cfg.resolution} takes {side}x{side} (set model.resolution to the "
-                                     "benchmark's hr_size).")
-                images.append(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255)
-            else:
-                coarse = torch.rand(1, 3, max(side // 8, 1), max(side // 8, 1),
-                                    generator=torch.Generator().manual_seed(int(k)))
-                images.append(torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")[0])
-        return (torch.stack(images) * 2 - 1).to(self.device, self.dtype)
+        for k in range(start, start + n):
+            coarse = torch.rand(1, 3, max(side // 8, 1), max(side // 8, 1), generator=torch.Generator().manual_seed(k))
+            images.append(torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")[0])
+        return {"low_res": torch.stack(images)}
+
+    def low_res_images(self, low_res: Tensor) -> Tensor:
+        """The low-res inputs (B, 3, h, w) in [0, 1] -> [-1, 1] on the model's device, their size checked."""
+        side = self.cfg.resolution // self.arch.sr_scale
+        if tuple(low_res.shape[1:]) != (3, side, side):
+            raise ValueError(f"The low-res input is {low_res.shape[-1]}x{low_res.shape[-2]}; model.resolution="
+                             f"{self.cfg.resolution} takes {side}x{side} (set model.resolution to the benchmark's "
+                             "hr_size).")
+        if low_res.device.type == "meta" or self.device.type == "meta":
+            return torch.empty(len(low_res), 3, side, side, device="meta", dtype=self.dtype)
+        return (low_res.float() * 2 - 1).to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def generate(self, engine: CacheEngine, labels: Tensor, noise: Tensor, steps: int, guidance_scale: float,
-                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers") -> Tensor:
+    def generate(self, engine: CacheEngine, noise: Tensor, steps: int, guidance_scale: float,
+                 guided_channels: Optional[int] = None, progress: bool = False, lineage: str = "diffusers", *,
+                 low_res: Tensor) -> Tensor:
         # one loop, Inf-DiT's own (EDM Heun); `lineage` is the default name every adapter answers to
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
@@ -196,7 +198,7 @@ class InfDiTAdapter(Adapter):
         B, total, n = noise.shape[0], evaluations(steps), self.blocks_per_side
         if self.device.type != "meta":
             self._check_memory(engine, B, total)
-        lr = self.low_res_images(labels)
+        lr = self.low_res_images(low_res)
         side = self.cfg.resolution
         lr_up = TF.resize(lr, [side, side], interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(-1, 1)
         vector = self.clip(lr)  # (B, vector_dim), once per generation as the original

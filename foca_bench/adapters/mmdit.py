@@ -21,6 +21,7 @@ block's attention and MLP input projection) return cheap stand-ins instead of ru
 """
 
 import sys
+import zlib
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
@@ -110,6 +111,7 @@ class TwoStreams:
 PIPELINE_FILES = ("model_index.json", "scheduler/scheduler_config.json", "vae/config.json", "text_encoder/config.json",
                   "text_encoder_2/config.json", "tokenizer/tokenizer_config.json", "tokenizer_2/tokenizer_config.json")
 QUERY_CHUNK = 1024  # queries per chunk of the probe's explicit attention map
+EXAMPLE_PROMPT = "a photograph of an astronaut riding a horse"  # profiling and traces, where no benchmark gives one
 
 
 def _attention_received(attn: nn.Module) -> Callable[[Callable[..., Any], tuple, dict], tuple[Any, Tensor]]:
@@ -250,6 +252,7 @@ class MMDiTAdapter(Adapter):
         example_path: the folder name in the missing-weights message's example.
     """
 
+    condition = "prompts"
     transformer_class: ClassVar[str]
     pipeline_class: ClassVar[str]
     tuple_arch_keys: ClassVar[tuple[str, ...]] = ()
@@ -270,10 +273,9 @@ class MMDiTAdapter(Adapter):
         self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
         self.vae = self.pipeline.vae if self.pipeline is not None else (
             self._random_vae() if cfg.weights == "random" else None)
-        self.prompts: list[str] = []  # set by a text benchmark; labels index it
 
     def _location(self) -> str:
-        return str(self.cfg.path or self.cfg.hub_id)
+        return self.weights_location(self.cfg)
 
     def _load_transformer(self) -> nn.Module:
         if self.cfg.weights == "pretrained" and not self.has_local_weights(self._location(), "transformer"):
@@ -300,6 +302,15 @@ class MMDiTAdapter(Adapter):
         pipe = self.from_pretrained(getattr(diffusers, self.pipeline_class), self._location(),
                                     transformer=self.transformer, torch_dtype=self.dtype)
         return pipe.to(self.device)
+
+    def example_conditions(self, n: int, start: int = 0) -> dict:
+        return {"prompts": [EXAMPLE_PROMPT] * n}
+
+    @staticmethod
+    def prompt_keys(prompts: list[str]) -> list[int]:
+        """Random weights' stand-in for a text encoder: each prompt's embedding is drawn from a generator seeded by
+        its text (CRC-32), so the same prompt gets the same embedding in any batch and run."""
+        return [zlib.crc32(p.encode("utf-8")) for p in prompts]
 
     def seeded_prompts(self, keys: list[int], text_dim: int) -> tuple[Tensor, Tensor, list[torch.Generator]]:
         """Random weights' stand-in prompts: (embeds (B, text_tokens, text_dim), pooled (B, pooled_dim)) on the

@@ -1,33 +1,76 @@
-"""Benchmarks: which samples to generate (classes or prompts, and per-sample seeds) and how to score them.
+"""Benchmarks: a fixed, ordered list of samples (each with its seed and condition) and a way to score them.
 
-Two kinds:
-- in-memory (`toy_fid`): a few hundred small samples, generated and scored in one process;
-- on disk (`imagenet_fid`, `drawbench`, `vbench`, `div8k`): a `FileBenchmark` lists its samples, checks every
-  reference file and metric weight before generation starts (`preflight`), and scores the packed sample folder
-  that sharded generation (`foca_bench.samples`) wrote.
+Every benchmark has one protocol (`Benchmark`), and `foca_bench.runner` runs them all through one pipeline:
+validate -> plan samples -> generate the missing ones -> pack -> profile -> score -> record. A benchmark
+registers itself and its config schema with `@register_benchmark(name, schema)`, as methods do, so adding one is
+its module here and its `conf/benchmark/<name>.yaml`: every module of this package is imported on start-up.
 """
 
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from foca_bench.errors import MissingFileError  # noqa: F401  (benchmarks raise it)
 from foca_bench.samples import Sample, SampleStore
 
-BENCHMARKS: dict[str, type] = {}
+LOCAL = {"local": True}  # field metadata: where work runs or how it is split, not what it computes (no identity)
 
 
-def register_benchmark(name: str) -> Callable[[type], type]:
+@dataclass
+class BenchmarkConfig:
+    """Attributes:
+    samples_per_class: K samples per class, each from its own seed `seed + global index`.
+    batch_size: generation batch (the CFG batch is twice as large).
+    """
+
+    name: str = MISSING
+    samples_per_class: int = 20
+    batch_size: int = 100
+    seed: int = 0
+
+
+@dataclass
+class FileBenchmarkConfig(BenchmarkConfig):
+    """A benchmark generated in shards, possibly over many jobs (`foca_bench.samples`).
+
+    Attributes:
+        limit: generate and score only the first `limit` samples of the list (smoke runs); null: all of them.
+        shard, num_shards: this job's share of the fixed batch grid; null takes the launcher's rank and world size
+            (torchrun's RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS), else one shard.
+        metric_batch_size: batch of the metric networks.
+    """
+
+    limit: Optional[int] = None
+    shard: Optional[int] = field(default=None, metadata=LOCAL)
+    num_shards: Optional[int] = field(default=None, metadata=LOCAL)
+    metric_batch_size: int = field(default=32, metadata=LOCAL)
+
+
+BENCHMARKS: dict[str, type["Benchmark"]] = {}
+
+
+def register_benchmark(name: str, schema: type = BenchmarkConfig) -> Callable[[type], type]:
+    """Registers a benchmark class under `name` (the `conf/benchmark/<name>.yaml` stem) and its config dataclass
+    in Hydra's ConfigStore as `benchmark/<name>_schema`, which the YAML lists first in its defaults."""
+
     def decorate(cls: type) -> type:
+        if name in BENCHMARKS:
+            raise ValueError(f"Benchmark {name!r} registered twice.")
         cls.name = name
         BENCHMARKS[name] = cls
+        ConfigStore.instance().store(group="benchmark", name=f"{name}_schema", node=schema)
         return cls
 
     return decorate
 
 
-def build_benchmark(cfg: Any, model_cfg: Any):
+def build_benchmark(cfg: Any, model_cfg: Any) -> "Benchmark":
     if cfg.name not in BENCHMARKS:
         raise KeyError(f"Unknown benchmark {cfg.name!r}; registered: {', '.join(sorted(BENCHMARKS))}.")
     return BENCHMARKS[cfg.name](cfg, model_cfg)
@@ -41,64 +84,85 @@ def require_file(path: Optional[str], what: str, key: str, how: str) -> Path:
     raise MissingFileError(f"{what}: {where}. {how} Then set benchmark.{key}=/path/to/it (nothing was generated).")
 
 
-class FileBenchmark:
-    """A benchmark whose samples are files on disk, generated in shards and scored from the packed folder.
+class Benchmark:
+    """The protocol every benchmark follows.
 
-    Subclasses implement `all_samples`, `preflight` and `evaluate`, and `prepare` when the model needs more than a
-    label per sample (a text benchmark's prompts).
+    Class attributes:
+        name: registry key (set by `register_benchmark`).
+        condition: the keyword of `Adapter.generate` its samples fill: `class_labels`, `prompts` or `low_res`;
+            a model whose adapter takes another is refused before anything runs.
+        needs_reference: `score` compares with the full-compute samples of the same seeds (`method=none` at
+            `profile.baseline_steps`), which the runner generates (once) when they are missing.
+        model_hint: what to use instead when a model is refused.
+
+    Subclasses implement `all_samples` and `score`; `preflight` checks their files and the model before anything
+    is generated; `inputs` names the files the run reads (hashed into its identity).
     """
 
-    name: str = ""
-    on_disk = True
+    name: ClassVar[str] = ""
+    condition: ClassVar[str] = "class_labels"
+    needs_reference: ClassVar[bool] = False
+    model_hint: ClassVar[str] = ""
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.preflight()
 
     def preflight(self) -> None:
-        """Raises MissingFileError before any generation if a reference file or metric weight is missing."""
+        """Raises (MissingFileError, ValueError) before any generation if a file or the model does not fit."""
+
+    def check_model(self, adapter_class: type) -> None:
+        """Refuses a model whose adapter does not take this benchmark's condition."""
+        takes = getattr(adapter_class, "condition", None)
+        if takes != self.condition:
+            raise ValueError(f"benchmark={self.name} conditions each sample on `{self.condition}`, and model="
+                             f"{self.model_cfg.name} takes `{takes}`. {self.model_hint} (nothing was generated)")
+
+    def inputs(self) -> dict[str, dict]:
+        """The files the run reads, {name: `identity.input_item(...)`}: hashed into the run's identity."""
+        return {}
 
     def all_samples(self) -> list[Sample]:
-        """The benchmark's full ordered list."""
+        """The benchmark's full ordered list: sample i has index i and seed `seed + i`."""
         raise NotImplementedError
 
     def samples(self) -> list[Sample]:
         """The list, cut to `benchmark.limit` samples when set (smoke runs)."""
         items = self.all_samples()
-        return items[: self.cfg.limit] if self.cfg.limit else items
+        limit = self.cfg.get("limit")
+        return items[:limit] if limit else items
 
-    def prepare(self, adapter: Any) -> None:
-        """Gives the model what its samples are conditioned on beyond a label (a text model's prompts), or refuses a
-        model that cannot run this benchmark. Called before generating and before profiling."""
+    def conditions(self, samples: list[Sample]) -> dict:
+        """The keyword arguments of `Adapter.generate` for a batch of samples: class labels (B,) or prompts."""
+        if self.condition == "class_labels":
+            import torch
 
-    def conditions(self, samples: list[Sample]) -> tuple[Any, list[int]]:
-        """(labels the adapter takes (N,), seeds) of `samples`: class labels, or indices into what `prepare` gave."""
-        import torch
-
-        return torch.tensor([s.label for s in samples]), [s.seed for s in samples]
+            return {"class_labels": torch.tensor([s.label for s in samples])}
+        if self.condition == "prompts":
+            return {"prompts": [s.prompt for s in samples]}
+        raise NotImplementedError(f"{type(self).__name__}.conditions must build `{self.condition}`.")
 
     def store(self, root: Path) -> SampleStore:
+        """The sample folder of a run (lossless PNG files; `samples.npz` once complete)."""
         return SampleStore(root, self.samples())
 
     def to_files(self, images: Any) -> np.ndarray:
-        """Generated images (B, C, H, W) in [0, 1] -> what `SampleStore.write` takes (uint8 NHWC)."""
+        """Generated images (B, C, H, W) in [0, 1] -> what the store writes (uint8 NHWC)."""
         from foca_bench.samples import to_uint8
 
         return to_uint8(images)
 
-    def preview(self, store: SampleStore) -> Any:
-        """The first 16 samples as (N, C, H, W) in [0, 1], for the grid saved beside the record."""
+    def preview(self, store: SampleStore) -> tuple[Any, int]:
+        """(images (N, C, H, W) in [0, 1], images per row) of the grid saved beside the record: the first 16."""
         import torch
 
         first = np.stack([store.read(s) for s in store.samples[:16]])
-        return torch.from_numpy(first).permute(0, 3, 1, 2) / 255
+        return torch.from_numpy(first).permute(0, 3, 1, 2) / 255, 8
 
-    def evaluate(self, store: SampleStore, device: str) -> dict:
+    def score(self, store: SampleStore, reference: Optional[SampleStore], device: str) -> dict:
+        """{metric: {"value", "higher_is_better"}} of the complete store (`reference`: see `needs_reference`)."""
         raise NotImplementedError
 
 
-from foca_bench.benchmarks import toy_fid  # noqa: E402,F401  (registers on import)
-from foca_bench.benchmarks import imagenet_fid  # noqa: E402,F401
-from foca_bench.benchmarks import drawbench  # noqa: E402,F401
-from foca_bench.benchmarks import div8k  # noqa: E402,F401
-from foca_bench.benchmarks import vbench  # noqa: E402,F401
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -2,20 +2,22 @@
 
 Sample i is the i-th ground-truth PNG of `gt_path` (sorted by name). Its target is the centre `hr_size` crop; the
 model's input is that crop downsampled `scale` times (bicubic with antialiasing, PIL). Scores: PSNR and SSIM of the
-output against the crop (`evaluation/sr_metrics.py`). Generation needs an adapter that super-resolves
-(`adapter.super_resolves`: Inf-DiT, `model=inf_dit`, whose `model.resolution` must be `hr_size`); it reads each
-sample's input through `adapter.low_res(index)`, which `prepare` sets.
+output against the crop (`evaluation/sr_metrics.py`). Generation needs an adapter that takes `low_res=` (B, 3, h, w)
+in [0, 1] (`Adapter.condition = "low_res"`): Inf-DiT, `model=inf_dit`, whose `model.resolution` must be `hr_size`;
+the inputs are read and downsampled when a batch is generated (`conditions`).
 """
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from evaluation.sr_metrics import psnr_ssim
-from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark
+from foca_bench.benchmarks import Benchmark, FileBenchmarkConfig, MissingFileError, register_benchmark
+from foca_bench.identity import input_item
 from foca_bench.samples import Sample, SampleStore
 
 
@@ -36,8 +38,28 @@ def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(Image.fromarray(hr).resize((side, side), Image.BICUBIC, reducing_gap=None))
 
 
-@register_benchmark("div8k")
-class Div8K(FileBenchmark):
+@dataclass
+class Div8KConfig(FileBenchmarkConfig):
+    """`benchmark=div8k`: DIV8K super-resolution (Gu et al., ICCVW 2019), the paper's Table 4 (512 -> 2048).
+
+    Attributes:
+        gt_path: folder of DIV8K ground-truth PNGs (sorted by name; sample i is the i-th file).
+        hr_size: side of the centre crop of each ground truth the model must reproduce.
+        scale: upsampling factor; the low-resolution input is the crop downsampled by `scale` (bicubic, antialiased).
+    """
+
+    name: str = "div8k"
+    batch_size: int = 1
+    gt_path: Optional[str] = None
+    hr_size: int = 2048
+    scale: int = 4
+
+
+@register_benchmark("div8k", Div8KConfig)
+class Div8K(Benchmark):
+    condition = "low_res"
+    model_hint = "It needs a super-resolution model: the paper's is Inf-DiT (model=inf_dit)."
+
     def preflight(self) -> None:
         folder = Path(self.cfg.gt_path).expanduser() if self.cfg.gt_path else None
         if folder is None or not folder.is_dir() or not sorted(folder.glob("*.png")):
@@ -49,15 +71,15 @@ class Div8K(FileBenchmark):
                              f"{self.cfg.scale}.")
         self.files = sorted(folder.glob("*.png"))
 
-    def prepare(self, adapter: Any) -> None:
-        if not getattr(adapter, "super_resolves", False):
-            raise ValueError(f"benchmark=div8k needs a super-resolution model; model={adapter.cfg.name} generates "
-                             "from noise. The paper's model is Inf-DiT: model=inf_dit.")
-        if adapter.cfg.resolution != self.cfg.hr_size:
-            raise ValueError(f"benchmark.hr_size={self.cfg.hr_size} but model.resolution={adapter.cfg.resolution}: "
-                             "the model must output the crop's size; set them equal.")
-        samples = self.samples()
-        adapter.low_res = lambda index: self.low_res(samples[index])  # read when a batch needs it, not up front
+    def check_model(self, adapter_class: type) -> None:
+        super().check_model(adapter_class)
+        if self.model_cfg.resolution != self.cfg.hr_size:
+            raise ValueError(f"benchmark.hr_size={self.cfg.hr_size} but model.resolution={self.model_cfg.resolution}: "
+                             "the model must output the crop's size; set them equal (nothing was generated).")
+
+    def inputs(self) -> dict[str, dict]:
+        files = [Path(s.condition) for s in self.samples()]
+        return {"ground_truth": input_item(Path(self.cfg.gt_path).expanduser(), files)}
 
     def all_samples(self) -> list[Sample]:
         return [Sample(index=i, seed=self.cfg.seed + i, condition=str(p)) for i, p in enumerate(self.files)]
@@ -65,9 +87,11 @@ class Div8K(FileBenchmark):
     def low_res(self, sample: Sample) -> np.ndarray:
         return downsample(centre_crop(Path(sample.condition), self.cfg.hr_size), self.cfg.scale)
 
-    def conditions(self, samples: list[Sample]) -> tuple[torch.Tensor, list[int]]:
-        return torch.tensor([s.index for s in samples]), [s.seed for s in samples]  # `adapter.low_res(index)`
+    def conditions(self, samples: list[Sample]) -> dict:
+        """`low_res` (B, 3, h, w) in [0, 1], read and downsampled when a batch is generated, not up front."""
+        low = np.stack([self.low_res(s) for s in samples])  # (B, h, w, 3) uint8
+        return {"low_res": torch.from_numpy(low).permute(0, 3, 1, 2).float() / 255}
 
-    def evaluate(self, store: SampleStore, device: str) -> dict:
+    def score(self, store: SampleStore, reference: Optional[SampleStore], device: str) -> dict:
         pairs = ((store.read(s), centre_crop(Path(s.condition), self.cfg.hr_size)) for s in store.samples)
         return psnr_ssim(pairs, total=len(store.samples))

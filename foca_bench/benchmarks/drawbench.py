@@ -8,15 +8,18 @@ means, the record keeps the per-category means (DrawBench's 11 categories), as `
 import csv
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import List, Optional
 
 import numpy as np
 
 from evaluation import metric
 from evaluation.clip_score import clip_scores, load_clip
 from evaluation.image_reward import env_python, run_image_reward
-from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
+from foca_bench.benchmarks import (LOCAL, Benchmark, FileBenchmarkConfig, MissingFileError, register_benchmark,
+                                   require_file)
+from foca_bench.identity import input_item
 from foca_bench.samples import Sample, SampleStore
 
 METRICS = ("image_reward", "clip_score")
@@ -43,15 +46,46 @@ def read_prompts(path: Path) -> list[tuple[str, str]]:
     return [(r[prompt_key].strip(), (r[category_key].strip() if category_key else "")) for r in rows]
 
 
-@register_benchmark("drawbench")
-class DrawBench(FileBenchmark):
+@dataclass
+class DrawBenchConfig(FileBenchmarkConfig):
+    """`benchmark=drawbench`: DrawBench's 200 prompts (Saharia et al., arXiv:2205.11487), ImageReward and CLIP score.
+
+    Attributes:
+        prompts_path: the DrawBench CSV (columns `Prompts`, `Category`); see datasets/drawbench.md.
+        images_per_prompt: samples per prompt (sample i is prompt i // images_per_prompt).
+        metrics: which of `image_reward`, `clip_score` to compute.
+        clip_model: open_clip architecture name; clip_path: its local checkpoint; clip_config_path: a JSON model
+            config to register first (a custom architecture), else null.
+        image_reward_path, image_reward_med_config_path: `ImageReward.pt` and `med_config.json`.
+        image_reward_env: the overlay environment the ImageReward worker runs in (null: `.envs/imagereward`).
+    """
+
+    name: str = "drawbench"
+    batch_size: int = 4
+    images_per_prompt: int = 1
+    metrics: List[str] = field(default_factory=lambda: ["image_reward", "clip_score"])
+    prompts_path: Optional[str] = None
+    clip_model: str = "ViT-L-14"
+    clip_path: Optional[str] = None
+    clip_config_path: Optional[str] = None
+    image_reward_path: Optional[str] = None
+    image_reward_med_config_path: Optional[str] = None
+    image_reward_env: Optional[str] = field(default=None, metadata=LOCAL)
+
+
+@register_benchmark("drawbench", DrawBenchConfig)
+class DrawBench(Benchmark):
+    condition = "prompts"
+    model_hint = "Use a text-to-image model: model=flux."
+
     def preflight(self) -> None:
         unknown = set(self.cfg.metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"benchmark.metrics has {sorted(unknown)}; choose from {list(METRICS)}.")
         how = "See datasets/drawbench.md."
-        self.prompts = read_prompts(require_file(self.cfg.prompts_path, "The DrawBench prompt CSV", "prompts_path",
-                                                 how))
+        self.clip = self.reward = self.med_config = None
+        self.prompts_file = require_file(self.cfg.prompts_path, "The DrawBench prompt CSV", "prompts_path", how)
+        self.prompts = read_prompts(self.prompts_file)
         if "clip_score" in self.cfg.metrics:
             self.clip = require_file(self.cfg.clip_path, f"CLIP weights ({self.cfg.clip_model})", "clip_path", how)
         if "image_reward" in self.cfg.metrics:
@@ -73,15 +107,18 @@ class DrawBench(FileBenchmark):
                                        "uncased')\"` and copy ~/.cache/huggingface (or set HF_HOME). Nothing was "
                                        "generated.")
 
+    def inputs(self) -> dict[str, dict]:
+        clip_config = self.cfg.clip_config_path and Path(self.cfg.clip_config_path).expanduser()
+        files = {"prompts": self.prompts_file, "clip": self.clip, "clip_config": clip_config,
+                 "image_reward": self.reward, "image_reward_med_config": self.med_config}
+        return {name: input_item(path) for name, path in files.items() if path}
+
     def all_samples(self) -> list[Sample]:
         k = self.cfg.images_per_prompt
-        return [Sample(index=i, seed=self.cfg.seed + i, label=i // k, prompt=self.prompts[i // k][0])
+        return [Sample(index=i, seed=self.cfg.seed + i, prompt=self.prompts[i // k][0])
                 for i in range(k * len(self.prompts))]
 
-    def prepare(self, adapter: Any) -> None:
-        adapter.prompts = [p for p, _ in self.prompts]  # sample labels index this list
-
-    def evaluate(self, store: SampleStore, device: str) -> dict:
+    def score(self, store: SampleStore, reference: Optional[SampleStore], device: str) -> dict:
         samples = store.samples
         scores: dict[str, np.ndarray] = {}
         if "clip_score" in self.cfg.metrics:
@@ -96,7 +133,7 @@ class DrawBench(FileBenchmark):
             scores["image_reward"] = np.array(run_image_reward(items, self.reward, self.med_config, work, device,
                                                                self.cfg.image_reward_env))
             shutil.rmtree(work, ignore_errors=True)
-        return summarize(scores, [self.prompts[s.label][1] for s in samples])
+        return summarize(scores, [self.prompts[s.index // self.cfg.images_per_prompt][1] for s in samples])
 
 
 def summarize(scores: dict[str, np.ndarray], categories: list[str]) -> dict:

@@ -14,17 +14,20 @@ import json
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
 
 from evaluation import metric
 from evaluation.vbench_score import DIMENSIONS, WEIGHTS, cache_dir, env_python, package_file, run_vbench, total_score
-from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
+from foca_bench.benchmarks import (LOCAL, Benchmark, FileBenchmarkConfig, MissingFileError, register_benchmark,
+                                   require_file)
 from foca_bench.errors import CorruptFileError
-from foca_bench.samples import Sample, VideoStore, write_mp4
+from foca_bench.identity import input_item
+from foca_bench.samples import Sample, SampleStore, VideoStore, write_mp4
 
 
 def check_readable(height: int, width: int, env_dir: Any = None) -> None:
@@ -62,8 +65,39 @@ def read_full_info(path: Path) -> list[dict]:
     return info
 
 
-@register_benchmark("vbench")
-class VBench(FileBenchmark):
+@dataclass
+class VBenchConfig(FileBenchmarkConfig):
+    """`benchmark=vbench`: VBench's prompt suite (Huang et al., arXiv:2311.17982) on a text-to-video model.
+
+    Attributes:
+        videos_per_prompt: videos per prompt (VBench's standard: 5; sample i is prompt i // videos_per_prompt).
+        dimensions: the VBench dimensions to evaluate (the total score needs all 16).
+        fps: frame rate written into the mp4 files.
+        prompts_path: VBench's full-info JSON; null: `VBench_full_info.json` of the vbench package in `vbench_env`.
+        vbench_cache_path: VBench's weight folder; null: $VBENCH_CACHE_DIR, else ~/.cache/vbench. Its files are
+            VBench's own pinned downloads (per dimension, `evaluation/vbench_score.WEIGHTS`): their location is
+            recorded, their contents are not hashed into the run's identity.
+        vbench_env: the overlay environment the VBench worker runs in (null: `.envs/vbench`).
+    """
+
+    name: str = "vbench"
+    batch_size: int = 1
+    videos_per_prompt: int = 5
+    dimensions: List[str] = field(default_factory=lambda: [
+        "subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+        "aesthetic_quality", "imaging_quality", "dynamic_degree", "object_class", "multiple_objects", "human_action",
+        "color", "spatial_relationship", "scene", "appearance_style", "temporal_style", "overall_consistency"])
+    fps: int = 24
+    prompts_path: Optional[str] = None
+    vbench_cache_path: Optional[str] = None
+    vbench_env: Optional[str] = field(default=None, metadata=LOCAL)
+
+
+@register_benchmark("vbench", VBenchConfig)
+class VBench(Benchmark):
+    condition = "prompts"
+    model_hint = "Use a text-to-video model: model=hunyuan_video."
+
     def preflight(self) -> None:
         unknown = set(self.cfg.dimensions) - set(DIMENSIONS)
         if unknown or not self.cfg.dimensions:
@@ -74,8 +108,8 @@ class VBench(FileBenchmark):
             raise MissingFileError(f"The VBench environment is not installed ({env_python(self.cfg.vbench_env)} is "
                                    "missing): run `make env-vbench` (nothing was generated).")
         path = self.cfg.prompts_path or str(package_file("VBench_full_info.json", self.cfg.vbench_env))
-        self.info = read_full_info(require_file(path, "VBench's prompt list (VBench_full_info.json)", "prompts_path",
-                                                how))
+        self.prompts_file = require_file(path, "VBench's prompt list (VBench_full_info.json)", "prompts_path", how)
+        self.info = read_full_info(self.prompts_file)
         self.weights = cache_dir(self.cfg.vbench_cache_path)
         for dim in self.cfg.dimensions:
             for rel in WEIGHTS[dim]:
@@ -97,9 +131,12 @@ class VBench(FileBenchmark):
             raise ValueError(f"{path} has no prompt tagged with any of benchmark.dimensions={list(wanted)} "
                              "(nothing was generated).")
 
+    def inputs(self) -> dict[str, dict]:
+        return {"prompts": input_item(self.prompts_file)}
+
     def all_samples(self) -> list[Sample]:
         k = self.cfg.videos_per_prompt
-        return [Sample(index=i, seed=self.cfg.seed + i, label=i // k, prompt=self.prompts[i // k])
+        return [Sample(index=i, seed=self.cfg.seed + i, prompt=self.prompts[i // k])
                 for i in range(k * len(self.prompts))]
 
     def samples(self) -> list[Sample]:
@@ -110,9 +147,6 @@ class VBench(FileBenchmark):
         k = self.cfg.videos_per_prompt
         return items[: -(-self.cfg.limit // k) * k]
 
-    def prepare(self, adapter: Any) -> None:
-        adapter.prompts = self.prompts  # sample labels index this list
-
     def store(self, root: Path) -> VideoStore:
         m = self.model_cfg
         return VideoStore(root, self.samples(), self.cfg.videos_per_prompt, self.cfg.fps,
@@ -122,15 +156,15 @@ class VBench(FileBenchmark):
         """Videos (B, 3, F, H, W) in [0, 1] -> (B, F, H, W, 3) uint8."""
         return videos.detach().float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
 
-    def preview(self, store: VideoStore) -> torch.Tensor:
+    def preview(self, store: VideoStore) -> tuple[torch.Tensor, int]:
         """Eight evenly spaced frames of each of the first four videos, one row per video."""
         rows = []
         for sample in store.samples[:4]:
             video = store.read(sample)  # (F, H, W, 3)
             rows.append(torch.from_numpy(video[np.linspace(0, len(video) - 1, 8).round().astype(int)]))
-        return torch.cat(rows).permute(0, 3, 1, 2) / 255
+        return torch.cat(rows).permute(0, 3, 1, 2) / 255, 8
 
-    def evaluate(self, store: VideoStore, device: str) -> dict:
+    def score(self, store: VideoStore, reference: Optional[SampleStore], device: str) -> dict:
         videos: dict[str, list[str]] = {}
         for s in store.samples:
             videos.setdefault(s.prompt, []).append(str(store.path(s).resolve()))
