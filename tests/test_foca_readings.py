@@ -193,7 +193,7 @@ def test_the_default_reading_is_a_known_one():
 
 
 def test_table_labels_name_the_reading_unless_it_is_the_default():
-    from foca_bench.tables import label
+    from foca_bench.names import label
 
     default = methods.build({"name": "foca"}).cfg.reading
 

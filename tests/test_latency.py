@@ -7,6 +7,7 @@ import pytest
 from foca_bench import profiling
 from foca_bench.profiling import BEYOND_FLOPS, NOISY, latency_mark, measure_interleaved, spread
 from foca_bench.records import atomic_write_json, record_path
+from foca_bench.results import frame
 from foca_bench.tables import build_table
 
 # the cases: a loaded machine's FoCa N=5 at 6.90x against a 4.35x FLOPs speed-up, and DDIM-50 at 11.3 s
@@ -79,9 +80,10 @@ def _latency_record(tmp_path, method, N, mine_s, base_s, flops_speedup):
 def test_tables_mark_the_latency_cells_and_say_what_the_marks_mean(tmp_path):
     records = [_latency_record(tmp_path, "foca", 5, **IMPOSSIBLE), _latency_record(tmp_path, "fora", 3, **WIDE),
                _latency_record(tmp_path, "taylorseer", 3, **CLEAN)]
-    table = build_table(records, "t")
-    rows = {r[0].split(" ")[0]: r for r in table.rows}
-    latency, speedup = table.header.index("Latency(s) ↓"), table.header.index("Latency speed ↑")
+    table = build_table(frame(records), "t")
+    rows = {r[0].split(" ")[0]: r for r in table.frame.itertuples(index=False)}
+    header = list(table.frame.columns)
+    latency, speedup = header.index("Latency(s) ↓"), header.index("Latency speed ↑")
     assert rows["FoCa"][latency].endswith(BEYOND_FLOPS) and rows["FoCa"][speedup].endswith(BEYOND_FLOPS)
     assert rows["FORA"][speedup].endswith(NOISY) and not rows["FORA"][speedup].endswith(BEYOND_FLOPS)
     assert rows["TaylorSeer"][speedup].endswith("×")
