@@ -273,9 +273,10 @@ class DiTAdapter(Adapter):
             labels = torch.cat([null, labels] if uncond_first else [labels, null])  # (2B,)
         x = noise
         t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
-        # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT) leave some conditioning
-        # unused: they keep the per-step path, so no FLOPs are spent on embeddings nobody reads
-        per_step = any(site.role in ("model", "blocks", "block") for site in engine.sites)
+        # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT; the other projects' hooks:
+        # cache-dit's DBCache, diffusers' FBCache/MagCache) leave some conditioning unused: they keep the per-step
+        # path, so no FLOPs are spent on embeddings and modulations nobody reads
+        per_step = engine.method.external or any(site.role in ("model", "blocks", "block") for site in engine.sites)
         with self._conditioning(t_all, labels, precompute=not per_step) as conditioning:
             for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
                 model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG (DDIM's input scaling is 1)
