@@ -100,7 +100,7 @@ def _non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     a row, nor is a knob at the model's own default (`model.method_defaults`, e.g. TaylorSeer's first_enhance)."""
     cache = _cache(record)
     cls = methods.get(record["method"])
-    specialized = model_method_defaults(record.get("model") or record["config"]["model"]["name"], record["method"])
+    specialized = model_method_defaults(record["config"]["model"]["name"], record["method"])
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # list-valued knobs
                 for f in dataclasses.fields(cls.config_class)}
     defaults.update(record["config"]["model"].get("method_defaults", {}).get(record["method"]) or {})  # the model's
