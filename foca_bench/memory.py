@@ -251,7 +251,8 @@ def _meta_adapter(model: DictConfig) -> Any:
 
 def plan_run(cfg: DictConfig, cache: CacheConfig, device: str, samples: int) -> Optional[Plan]:
     """Says the run's memory plan for generating `samples` samples (logged before the model loads) and returns it;
-    None where there is nothing to plan (meta weights, Inf-DiT's own plan).
+    None where there is nothing to plan (meta weights, Inf-DiT's own plan) or no weights to load (the load says
+    what to set).
 
     Raises:
         MemoryPlanError: the plan does not fit; the message lists the settings that would.
@@ -276,8 +277,10 @@ def plan_run(cfg: DictConfig, cache: CacheConfig, device: str, samples: int) -> 
     steps = ADAPTERS[model.name].engine_steps(cfg.sampler.steps)
     paired = adapter.cfg.num_classes > 0 and cfg.sampler.guidance_scale > 1
     peak = lambda c: None if method_cls.external else cache_peak_bytes(c, shapes, steps, paired)  # noqa: E731
-    weights = weights_bytes(adapter.transformer, (model.path or model.hub_id) if model.weights == "pretrained"
-                            else None, getattr(torch, model.dtype))
+    location = adapter.weights_location() if model.weights == "pretrained" else None
+    if location is not None and not adapter.has_local_weights(location, "transformer"):
+        return None  # loading the model names what is missing and what to set
+    weights = weights_bytes(adapter.transformer, location, getattr(torch, model.dtype))
     dev = torch.device(device)
     device_free, host_free = budgets(dev, model.get("memory_budget_gb"))
 

@@ -142,6 +142,10 @@ class Adapter(ABC):
         found = try_to_load_from_cache(location, name)
         return Path(found) if isinstance(found, str) else None
 
+    def weights_location(self) -> str:
+        """Where pretrained weights are read from: `model.path`, else the hub id (in the local cache)."""
+        return str(self.cfg.path or self.cfg.hub_id)
+
     @classmethod
     def has_local_weights(cls, location: str, subfolder: str) -> bool:
         """Whether `location` holds `<subfolder>/config.json` (`local_file`), so a run without weights fails

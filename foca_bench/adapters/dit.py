@@ -131,7 +131,7 @@ class DiTAdapter(Adapter):
         self.null_class = cfg.num_classes  # diffusers' LabelEmbedding appends the CFG null class last
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def _weights_location(self) -> str:
+    def weights_location(self) -> str:
         if self.cfg.path:
             return str(self.cfg.path)
         if self.cfg.name in BUNDLED:
@@ -152,7 +152,7 @@ class DiTAdapter(Adapter):
         return None
 
     def _load_transformer(self) -> torch.nn.Module:
-        location = self._weights_location()
+        location = self.weights_location()
         config = self.local_file(location, "transformer/config.json")
         if self.cfg.weights == "pretrained" and config is None:
             raise self._missing(location, "transformer")
@@ -194,7 +194,7 @@ class DiTAdapter(Adapter):
                                 norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
             return vae.to(self.home, self.dtype).eval().requires_grad_(False)
-        location = self._weights_location()
+        location = self.weights_location()
         if not self.has_local_weights(location, "vae"):
             raise self._missing(location, "vae")
         vae = self.from_pretrained(AutoencoderKL, location, "vae")
