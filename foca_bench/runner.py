@@ -26,6 +26,7 @@ from foca_bench.adapters.base import Adapter
 from foca_bench.benchmarks import build_benchmark
 from foca_bench.config import LOCAL_BENCHMARK_KEYS, validate
 from foca_bench.fused import build_engine
+from foca_bench.memory import plan_run
 from foca_bench.profiling import count_flops, measure_latency, measure_latency_pair, tune_cpu_allocator
 from foca_bench.records import (atomic_write, atomic_write_json, claim, describe_claim, environment, read_record,
                                 record_path, run_id)
@@ -266,6 +267,7 @@ def _compute(cfg: DictConfig, cache: CacheConfig, config: dict, rid: str, path: 
     results = Path(cfg.results_dir)
     device = resolve_device(cfg.device)
     malloc = tune_cpu_allocator() if device == "cpu" and cfg.profile.tune_malloc else None
+    plan_run(cfg, cache, device, len(benchmark.samples()[1]) if benchmark else 1)  # said before the model loads
     adapter = get_adapter(cfg.model, device)
     record = _base_record(cfg, cache, config, rid, bench_name, device, adapter, malloc)
     record["profile"] = profile(adapter, cache, cfg, device)
@@ -379,6 +381,7 @@ def _generate_shard(cfg: DictConfig, cache: CacheConfig, benchmark: Any, store: 
     if pending:
         if device == "cpu" and cfg.profile.tune_malloc:
             tune_cpu_allocator()
+        plan_run(cfg, cache, device, len(store.samples))
         adapter = get_adapter(cfg.model, device)
         benchmark.prepare(adapter)
         labels, seeds = benchmark.conditions(store.samples)

@@ -119,18 +119,19 @@ class DiTAdapter(Adapter):
         from diffusers import DDIMScheduler
 
         if self.device.type != "meta":
-            self.transformer.to(self.device)
+            self.transformer.to(self.home)
         if self.dtype != self.transformer.dtype:
             self.transformer.to(dtype=self.dtype)
         self.scheduler = DDIMScheduler(**cfg.scheduler)
         self.vae = self._load_vae() if cfg.vae else None
+        self.offload(transformer=self.transformer, vae=self.vae)
         arch = self.transformer.config
         self.latent_channels = arch.in_channels
         self.learned_sigma = arch.out_channels // 2 == arch.in_channels and arch.out_channels != arch.in_channels
         self.null_class = cfg.num_classes  # diffusers' LabelEmbedding appends the CFG null class last
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def _weights_location(self) -> str:
+    def weights_location(self) -> str:
         if self.cfg.path:
             return str(self.cfg.path)
         if self.cfg.name in BUNDLED:
@@ -151,7 +152,7 @@ class DiTAdapter(Adapter):
         return None
 
     def _load_transformer(self) -> torch.nn.Module:
-        location = self._weights_location()
+        location = self.weights_location()
         config = self.local_file(location, "transformer/config.json")
         if self.cfg.weights == "pretrained" and config is None:
             raise self._missing(location, "transformer")
@@ -192,12 +193,12 @@ class DiTAdapter(Adapter):
             vae = AutoencoderKL(latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 32, 32),
                                 norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-            return vae.to(self.device, self.dtype).eval().requires_grad_(False)
-        location = self._weights_location()
+            return vae.to(self.home, self.dtype).eval().requires_grad_(False)
+        location = self.weights_location()
         if not self.has_local_weights(location, "vae"):
             raise self._missing(location, "vae")
         vae = self.from_pretrained(AutoencoderKL, location, "vae")
-        return vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        return vae.to(self.home, self.dtype).eval().requires_grad_(False)
 
     def _missing(self, location: str, part: str) -> MissingWeightsError:
         if self.cfg.name in BUNDLED and not self.cfg.path:

@@ -265,11 +265,14 @@ class MMDiTAdapter(Adapter):
         if self.transformer.dtype != self.dtype:  # also on the meta device, where a patch conv checks dtypes
             self.transformer.to(dtype=self.dtype)
         if self.device.type != "meta":
-            self.transformer.to(self.device)
+            self.transformer.to(self.home)
         self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
         self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
         self.vae = self.pipeline.vae if self.pipeline is not None else (
             self._random_vae() if cfg.weights == "random" else None)
+        encoders = {} if self.pipeline is None else {"text_encoder": self.pipeline.text_encoder,
+                                                     "text_encoder_2": self.pipeline.text_encoder_2}
+        self.offload(**encoders, transformer=self.transformer, vae=self.vae)
         self.prompts: list[str] = []  # set by a text benchmark; labels index it
 
     def _location(self) -> str:
@@ -299,7 +302,7 @@ class MMDiTAdapter(Adapter):
             raise self._missing(", ".join(absent))
         pipe = self.from_pretrained(getattr(diffusers, self.pipeline_class), self._location(),
                                     transformer=self.transformer, torch_dtype=self.dtype)
-        return pipe.to(self.device)
+        return pipe.to(self.home)
 
     def seeded_prompts(self, keys: list[int], text_dim: int) -> tuple[Tensor, Tensor, list[torch.Generator]]:
         """Random weights' stand-in prompts: (embeds (B, text_tokens, text_dim), pooled (B, pooled_dim)) on the

@@ -17,6 +17,7 @@ from evaluation import metric
 from evaluation.clip_score import clip_scores, load_clip
 from evaluation.image_reward import env_python, run_image_reward
 from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
+from foca_bench.errors import CorruptFileError
 from foca_bench.samples import Sample, SampleStore
 
 METRICS = ("image_reward", "clip_score")
@@ -31,8 +32,12 @@ def hf_hub_cache() -> Path:
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:
     """(prompt, category) rows of a DrawBench CSV: columns `Prompts`/`Category` (Imagen's sheet), any case."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CorruptFileError(path, "The DrawBench prompt CSV", err, "Save it as UTF-8 CSV with a `Prompts` column "
+                               "(datasets/drawbench.md).") from err
     if not rows:
         raise ValueError(f"{path} holds no prompts.")
     keys = {k.lower().strip(): k for k in rows[0]}

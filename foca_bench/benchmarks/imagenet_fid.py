@@ -8,7 +8,8 @@ first C samples cover every class once, so `benchmark.limit` smoke runs stay cla
 from pathlib import Path
 import numpy as np
 
-from evaluation.inception_fid import INCEPTION_FILE, INCEPTION_URL, default_inception_path, fid_is, load_reference_batch
+from evaluation.inception_fid import (INCEPTION_FILE, INCEPTION_URL, check_reference_batch, default_inception_path,
+                                     fid_is, load_reference_batch)
 from foca_bench.benchmarks import FileBenchmark, require_file, register_benchmark
 from foca_bench.samples import Sample, SampleStore
 
@@ -25,6 +26,7 @@ class ImageNetFID(FileBenchmark):
         self.reference = require_file(self.cfg.reference_path, "ADM's ImageNet reference batch", "reference_path",
                                       f"Download VIRTUAL_imagenet256_labeled.npz from {REFERENCE_URL} (datasets/"
                                       "imagenet_fid.md).")
+        check_reference_batch(self.reference)  # loads, keys, shapes: before any sample is generated
         inception = self.cfg.inception_path or str(default_inception_path())
         self.inception = require_file(inception, f"torch-fidelity's Inception weights ({INCEPTION_FILE})",
                                       "inception_path", f"Download {INCEPTION_URL} into "

@@ -22,9 +22,11 @@ class ToyFID:
 
     def __init__(self, cfg: Any, model_cfg: Any) -> None:
         if model_cfg.num_classes != 10 or model_cfg.resolution != 16:
-            raise ValueError(f"benchmark=toy_fid scores 16x16 digits; model={model_cfg.name} makes "
-                             f"{model_cfg.resolution}px images of {model_cfg.num_classes} classes. Use it with "
-                             "model=toy_dit.")
+            raise ValueError(f"benchmark=toy_fid (the default benchmark) scores 16x16 images of 10 digit classes; "
+                             f"model={model_cfg.name} makes {model_cfg.resolution}px images of "
+                             f"{model_cfg.num_classes} classes. Use model=toy_dit at model.resolution=16, or this "
+                             "model's benchmark (dit_xl_2: imagenet_fid, flux: drawbench, hunyuan_video: vbench, "
+                             "inf_dit: div8k), or profile.benchmark=false (FLOPs and latency only).")
         self.cfg = cfg
         self.classifier = load_classifier()  # fails early, before any generation, if missing
 
