@@ -31,11 +31,11 @@ METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": 
                 "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
                 "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
                 "diffusers_fastercache": "diffusers FasterCache", "chipmunk": "Chipmunk", "smoothcache": "SmoothCache",
-                "l2c": "L2C", "abcache": "AB-Cache"}
+                "l2c": "L2C", "abcache": "AB-Cache", "foca_adaptive": "Adaptive FoCa"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
                 "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
                 **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")},
-                "smoothcache": ("alpha",), "l2c": ("threshold",)}
+                "smoothcache": ("alpha",), "l2c": ("threshold",), "foca_adaptive": ("tol",)}
 LATENCY_MARK = " ‡"  # a latency the record notes is not the method's own (`profile.latency_note`)
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
