@@ -34,7 +34,7 @@ ROWS = {  # series -> [(method, knobs)]
     "TaylorSeer": [("taylorseer", {"N": n}) for n in (3, 6)],
     "TeaCache": [("teacache", {"l": l}) for l in (0.1, 0.3)],
     "MagCache (diffusers)": [("diffusers_magcache", {"threshold": t}) for t in (0.06, 0.24)],
-    "Adaptive FoCa": [("foca_adaptive", {"tol": t}) for t in (0.02, 0.05, 0.15)],
+    "Adaptive FoCa": [("foca_adaptive", {"tol": t, "N": 10}) for t in (0.02, 0.05, 0.15)],
 }
 METRICS = {"fid": "FID ↓", "rel_l2": "RelL2 to DDIM-50 ↓"}
 

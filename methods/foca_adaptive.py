@@ -45,7 +45,7 @@ class FoCaAdaptiveConfig(FoCaConfig):
     """
 
     name: str = "foca_adaptive"
-    N: int = 10
+    N: int = 5
     tol: float = 0.05
     min_interval: int = 1
 
