@@ -145,3 +145,13 @@ def test_a_generation_on_the_tiny_dit_counts_the_steps_it_decided(adapter):
         adapter.generate(engine, torch.tensor([3, 5]), adapter.make_noise([0, 1]), 20, 3.0)
     assert engine.full_steps == sum(method.decisions) and len(method.decisions) == 20
     assert 2 < engine.full_steps < 20
+
+
+def test_calibration_maps_tol_to_full_steps(tmp_path, monkeypatch):
+    from foca_bench.calibrate_foca_adaptive import main as calibrate
+
+    monkeypatch.chdir(tmp_path)  # it writes results/calibration/ under the working directory
+    result = calibrate(["model.size=tiny", "sampler.steps=12", "+calibrate.samples=2", "+calibrate.tols=0,0.05,1"])
+    counts = [r["full_steps"] for r in result["rows"]]
+    assert counts[0] == 12 and counts == sorted(counts, reverse=True) and counts[-1] < 12
+    assert (tmp_path / "results/calibration/foca_adaptive_toy_dit.json").is_file()
