@@ -31,6 +31,7 @@ from foca_bench.profiling import count_flops, measure_latency, measure_latency_p
 from foca_bench.records import (atomic_write, atomic_write_json, claim, describe_claim, environment, read_record,
                                 record_path, run_id)
 from foca_bench.samples import IncompleteSamples, SampleStore, batches, shard_from_env
+from foca_bench.significance import externalize
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
 
@@ -309,6 +310,7 @@ def _finish(cfg: DictConfig, adapter: Adapter, cache: CacheConfig, record: dict,
     if cfg.trace:
         record["trace"] = str(save_trace(adapter, cache, cfg, Path(cfg.results_dir), rid))
     record["timing"]["total_s"] = time.perf_counter() - started
+    externalize(record, path)  # FID/IS features beside the record, for paired comparisons (foca_bench.significance)
     atomic_write_json(path, record)
     log.info(f"Wrote record {path}")
     print(summary_line(record))

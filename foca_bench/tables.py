@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 import methods
-from foca_bench import REPO_DIR
+from foca_bench import REPO_DIR, significance
 from foca_bench.config import model_method_defaults
 from foca_bench.profiling import BEYOND_FLOPS, NOISY, SPREAD, latency_mark
 from foca_bench.records import group_records
@@ -31,11 +31,11 @@ METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": 
                 "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
                 "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
                 "diffusers_fastercache": "diffusers FasterCache", "chipmunk": "Chipmunk", "smoothcache": "SmoothCache",
-                "l2c": "L2C", "abcache": "AB-Cache"}
+                "l2c": "L2C", "abcache": "AB-Cache", "foca_adaptive": "Adaptive FoCa"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
                 "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
                 **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")},
-                "smoothcache": ("alpha",), "l2c": ("threshold",)}
+                "smoothcache": ("alpha",), "l2c": ("threshold",), "foca_adaptive": ("tol",)}
 LATENCY_MARK = " ‡"  # a latency the record notes is not the method's own (`profile.latency_note`)
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
@@ -189,10 +189,15 @@ def build_table(records: list[tuple[Path, dict]], title: str = "") -> Table:
                 -rec["profile"].get("flops", 0.0), item[0])
 
     out = []
-    for name, (_, rec) in sorted(rows.items(), key=order):
+    base = significance.baseline(list(rows.values()))  # each quality cell: ± and ≈ against full compute
+    for name, (path, rec) in sorted(rows.items(), key=order):
         cells = _cells(keys, cols, values(rec), rec)
+        cells[4:] = significance.cells((path, rec), base, keys[4:], cells[4:], [c[1] for c in cols[4:]])
         out.append([name, *cells[:4], _full_steps(rec), *cells[4:], f"`{rec['run_id']}`"])
-    return Table(title, header, out, ([MARKS_NOTE] if any(mark(r) for r in recs) else []) + _latency_notes(recs))
+    notes = [significance.NOTE.format(baseline=label(base[1]))] if base and any(
+        "interval" in m for r in recs for m in r.get("metrics", {}).values()) else []
+    return Table(title, header, out, ([MARKS_NOTE] if any(mark(r) for r in recs) else []) + _latency_notes(recs)
+                 + notes)
 
 
 def _marked(record: Optional[dict], key: str, cell: str) -> str:

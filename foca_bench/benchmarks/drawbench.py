@@ -16,6 +16,7 @@ import numpy as np
 from evaluation import metric
 from evaluation.clip_score import clip_scores, load_clip
 from evaluation.image_reward import env_python, run_image_reward
+from evaluation.uncertainty import summary
 from foca_bench.benchmarks import FileBenchmark, MissingFileError, register_benchmark, require_file
 from foca_bench.errors import CorruptFileError
 from foca_bench.samples import Sample, SampleStore
@@ -106,7 +107,7 @@ class DrawBench(FileBenchmark):
 
 def summarize(scores: dict[str, np.ndarray], categories: list[str]) -> dict:
     """Means over all samples, then per category (`<metric>@<category>`)."""
-    out = {name: metric(float(np.mean(v)), higher_is_better=True) for name, v in scores.items()}
+    out = {name: metric(float(np.mean(v)), higher_is_better=True, **summary(v)) for name, v in scores.items()}
     for name, v in scores.items():
         for category in sorted(set(categories) - {""}):
             mask = np.array([c == category for c in categories])
