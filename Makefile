@@ -7,7 +7,7 @@ RUN := $(PY) run.py
 REPORT := $(PY) -m foca_bench.tables && $(PY) -m foca_bench.figures
 
 .PHONY: install env-imagereward env-vbench demo test test-slow toy-model tables readings flops-dit flops-flux \
-	flops-hunyuan bench gpu-wheels gpu-check clean-results
+	flops-hunyuan bench gpu-wheels gpu-check clean-results frontier
 
 install: $(VENV)/.installed
 
@@ -73,6 +73,11 @@ toy-model: install
 
 tables: install
 	$(REPORT)
+
+# Adaptive FoCa's quality-vs-FLOPs frontier beside fixed-N FoCa (three readings), TaylorSeer, TeaCache and MagCache on
+# toy_dit, with bootstrap intervals and paired verdicts against DDIM-50: results/frontier/frontier.{md,json,png}.
+frontier: install
+	$(PY) -m foca_bench.frontier
 
 # FoCa's readings (cache.reading=ours|cachedit|lab) beside FORA and TaylorSeer O=1/2 on toy_dit, open loop (replayed
 # traces) and closed loop (generations) at N=3/5/7 and warmup 1/2: results/readings/readings.{md,json,png}, the

@@ -1,14 +1,19 @@
 """FID, IS and class accuracy of generated digits with the shipped digit classifier as feature network.
 
-FID and IS are torchmetrics' implementations (`FrechetInceptionDistance`, `InceptionScore`) with the
-classifier's 64-d penultimate features and its logits in place of Inception's: the toy analogue of ImageNet
-FID-50k/IS. Toy-model numbers: not comparable to the paper's ImageNet values.
+FID is torchmetrics' `FrechetInceptionDistance` with the classifier's 64-d penultimate features in place of
+Inception's; IS is `evaluation.uncertainty.inception_score` (torchmetrics' formula, splits over a fixed
+shuffle) on its logits: the toy analogue of ImageNet FID-50k/IS. Toy-model numbers: not comparable to the paper's
+ImageNet values. Intervals (`evaluation.uncertainty`): class accuracy over per-sample correctness; FID and IS by
+resampling the generated set's classifier features and logits, which the metric keeps (`arrays`) so a paired
+comparison can recompute them.
 """
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from evaluation import metric
+from evaluation.uncertainty import fid_against, inception_score, set_interval, summary
 from foca_bench.digit_classifier import DigitClassifier, FeatureView
 
 
@@ -25,23 +30,28 @@ def digit_metrics(fake: Tensor, labels: Tensor, real: Tensor, classifier: DigitC
         fid (lower is better), is (higher), class_acc (higher).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance  # imported here: torchmetrics takes seconds
-    from torchmetrics.image.inception import InceptionScore
 
     fid = FrechetInceptionDistance(feature=FeatureView(classifier, "features"), reset_real_features=True)
     splits = 10 if len(fake) >= 100 else 1
-    inception = InceptionScore(feature=FeatureView(classifier, "logits"), splits=splits)
     for chunk in real.split(batch_size):
         fid.update(chunk, real=True)
-    correct = 0
+    correct, features, logits = [], [], []
     for chunk, chunk_labels in zip(fake.split(batch_size), labels.split(batch_size)):
         fid.update(chunk, real=False)
-        inception.update(chunk)
-        correct += (classifier(chunk).argmax(1) == chunk_labels).sum().item()
-    with torch.random.fork_rng():  # torchmetrics' IS shuffles with the global RNG: seed it for reproducible records
-        torch.manual_seed(0)
-        is_mean, _ = inception.compute()
+        features.append(classifier.features(chunk.float()))  # (B, 64)
+        logits.append(classifier.head(features[-1]))  # (B, 10)
+        correct.append(logits[-1].argmax(1) == chunk_labels)
+    real_features = torch.cat([classifier.features(c.float()) for c in real.split(batch_size)]).double().numpy()
+    fake_features, fake_logits = torch.cat(features).double().numpy(), torch.cat(logits).double().numpy()
+    real_mu, real_sigma = real_features.mean(0), np.cov(real_features, rowvar=False)
+    fid_of = fid_against(real_mu, real_sigma)
+    is_of = lambda x: inception_score(x, splits)  # noqa: E731
+    correct = torch.cat(correct).double().numpy()
     return {
-        "fid": metric(fid.compute(), higher_is_better=False),
-        "is": metric(is_mean, higher_is_better=True),
-        "class_acc": metric(correct / len(fake), higher_is_better=True),
+        "fid": metric(fid.compute(), higher_is_better=False, interval=list(set_interval(fake_features, fid_of)),
+                      statistic="fid", arrays={"features": fake_features.astype(np.float32), "real_mu": real_mu,
+                                               "real_sigma": real_sigma}),
+        "is": metric(is_of(fake_logits), higher_is_better=True, interval=list(set_interval(fake_logits, is_of)),
+                     statistic=f"is/{splits}", arrays={"logits": fake_logits.astype(np.float32)}),
+        "class_acc": metric(correct.mean(), higher_is_better=True, **summary(correct)),
     }

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from evaluation import metric
+from evaluation.uncertainty import summary
 
 
 @torch.no_grad()
@@ -23,9 +24,12 @@ def fidelity(images: Tensor, reference: Tensor) -> dict:
     psnr = None if exact else peak_signal_noise_ratio(images, reference, data_range=1.0)
     ssim = structural_similarity_index_measure(images, reference, data_range=1.0)
     diff = (images - reference).flatten(1).norm(dim=1)
-    rel_l2 = (diff / reference.flatten(1).norm(dim=1).clamp_min(1e-12)).mean()
+    rel_l2 = diff / reference.flatten(1).norm(dim=1).clamp_min(1e-12)  # (N,)
+    # per-sample values that recompute each metric (PSNR over the set = 10 log10(1 / mean per-sample MSE))
+    mse = (images - reference).flatten(1).pow(2).mean(1)
+    ssims = structural_similarity_index_measure(images, reference, data_range=1.0, reduction="none")
     return {
-        "psnr": metric(psnr, higher_is_better=True),
-        "ssim": metric(ssim, higher_is_better=True),
-        "rel_l2": metric(rel_l2, higher_is_better=False),
+        "psnr": metric(psnr, higher_is_better=True, **({} if exact else summary(mse.numpy(), "psnr"))),
+        "ssim": metric(ssim, higher_is_better=True, **summary(ssims.numpy())),
+        "rel_l2": metric(rel_l2.mean(), higher_is_better=False, **summary(rel_l2.numpy())),
     }

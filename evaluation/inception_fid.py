@@ -40,6 +40,31 @@ class Uint8Images(Dataset):
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
+def check_reference_batch(path: Path) -> tuple[int, ...]:
+    """The shape of `arr_0` of an ADM-style reference batch, read from the npz's array header (no pixels load), so a
+    damaged or wrong file fails before generation: `CorruptFileError` naming the file and the reader's error, or
+    ValueError naming what is wrong with its arrays."""
+    import zipfile
+
+    from foca_bench.errors import CorruptFileError
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if "arr_0.npy" not in names:
+                raise ValueError(f"{path} has no `arr_0` (its arrays: {[n[:-4] for n in names]}); expected an ADM "
+                                 "reference batch such as VIRTUAL_imagenet256_labeled.npz.")
+            with z.open("arr_0.npy") as f:
+                read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                shape, _, dtype = read[np.lib.format.read_magic(f)](f)
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError) as err:
+        raise CorruptFileError(path, "The reference batch (benchmark.reference_path)", err, "Download it again "
+                               "(datasets/imagenet_fid.md).") from err
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}; expected (N, H, W, 3) uint8 (an ADM reference batch).")
+    return shape
+
+
 def load_reference_batch(path: Path) -> np.ndarray:
     """`arr_0` of an ADM-style reference batch: (N, H, W, 3) uint8."""
     with np.load(path) as f:

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from evaluation import metric
+from evaluation.uncertainty import summary
 
 
 @torch.no_grad()
@@ -30,5 +31,5 @@ def psnr_ssim(pairs: Iterable[tuple[np.ndarray, np.ndarray]], total: int) -> dic
         x, y = (torch.from_numpy(a).permute(2, 0, 1)[None].double() / 255 for a in (out, gt))
         psnrs.append(100.0 if torch.equal(x, y) else float(peak_signal_noise_ratio(x, y, data_range=1.0)))
         ssims.append(float(structural_similarity_index_measure(x, y, data_range=1.0)))
-    return {"psnr": metric(np.mean(psnrs), higher_is_better=True),
-            "ssim": metric(np.mean(ssims), higher_is_better=True)}
+    return {"psnr": metric(np.mean(psnrs), higher_is_better=True, **summary(psnrs)),
+            "ssim": metric(np.mean(ssims), higher_is_better=True, **summary(ssims))}

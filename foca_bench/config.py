@@ -43,6 +43,9 @@ class ModelConfig:
             step as one compiled graph of the whole model, a skipped step's forecasts fused into its gates and
             residual adds (`foca_bench/fused.py`); the others get their sites' modules compiled regionally
             (`hooks.compile_sites`). Nothing recompiles per step or per generation.
+        offload: `none` or `model` (diffusers' model CPU offload: the weights stay in host memory and each
+            component moves to the device when it runs). The memory plan (`foca_bench/memory.py`) says what fits.
+        memory_budget_gb: the device memory the run may use (its memory plan's budget); null: what is free.
         compile_mode: torch.compile's `mode` with `compile=inductor`: null (default), `reduce-overhead` (CUDA
             graphs of the compiled steps), `max-autotune`, `max-autotune-no-cudagraphs`.
         precompute_conditioning: evaluate the per-step conditioning embeddings (timestep and class or text
@@ -70,6 +73,8 @@ class ModelConfig:
     tiny: Dict[str, Any] = field(default_factory=dict)
     compile: Optional[str] = None
     compile_mode: Optional[str] = None
+    offload: Any = "none"  # Inf-DiT's is a bool of its own (InfDiTModelConfig)
+    memory_budget_gb: Optional[float] = None
 
 
 @dataclass
@@ -101,15 +106,13 @@ class InfDiTModelConfig(ModelConfig):
             evaluations, then the next strip: the same image, a cache of one strip) or `auto` (whole if the memory
             plan fits, else the widest strips that do).
         strip: block rows per strip in strip mode.
-        offload: keep the feature cache and strip mode's memories in host memory.
-        memory_budget_gb: the device memory the run may use; null: what the device has free.
+        offload: keep the feature cache and strip mode's memories in host memory (Inf-DiT's own meaning).
     """
 
     clip_path: Optional[str] = None
     mode: str = "auto"
     strip: int = 4
     offload: bool = False
-    memory_budget_gb: Optional[float] = None
 
 
 @dataclass
@@ -357,6 +360,10 @@ def validate(cfg: DictConfig) -> CacheConfig:
                          "claim is taken over must be > 0.")
     if cfg.model.weights not in ("pretrained", "random", "meta"):
         raise ValueError(f"model.weights={cfg.model.weights!r}: choose pretrained, random or meta.")
+    offloads = adapter_cls.offloads if adapter_cls else ("none",)
+    if cfg.model.offload not in offloads or type(cfg.model.offload) is not type(offloads[0]):
+        raise ValueError(f"model.offload={cfg.model.offload}: model `{cfg.model.name}` takes "
+                         f"{' or '.join(map(str, offloads))} (model: diffusers' model CPU offload).")
     if cfg.model.get("compile_mode") is not None and cfg.model.compile != "inductor":
         raise ValueError(f"model.compile_mode={cfg.model.compile_mode} needs model.compile=inductor (it is "
                          f"{cfg.model.compile}): torch.compile's modes are inductor's.")

@@ -78,8 +78,8 @@ def generate(adapter: Adapter, cache: CacheConfig, sampler: Any, batches: Iterab
 
 
 def generate_examples(adapter: Adapter, cache: CacheConfig, sampler: Any, n: int, seed: int = 0,
-                      stats: Optional[dict] = None, trace: bool = False) -> torch.Tensor:
+                      stats: Optional[dict] = None, trace: bool = False, measure_cache: bool = False) -> torch.Tensor:
     """One batch of `n` samples (seeds `seed`.. `seed + n - 1`) on the adapter's example conditions: profiling and
     traces, which need no benchmark."""
     batch = (list(range(seed, seed + n)), adapter.example_conditions(n))
-    return torch.cat(list(generate(adapter, cache, sampler, [batch], stats, trace=trace)))
+    return torch.cat(list(generate(adapter, cache, sampler, [batch], stats, trace=trace, measure_cache=measure_cache)))

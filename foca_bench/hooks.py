@@ -241,7 +241,8 @@ class CacheEngine:
 
     def _install(self, module: nn.Module, forward: Callable[..., Any], what: str) -> None:
         previous = module.__dict__.get("forward")
-        if previous is not None and not getattr(previous, "foca_compiled", False):
+        # a compiled forward (`compile_sites`) or accelerate's offload hook (`model.offload`) is wrapped, not refused
+        if previous is not None and not getattr(previous, "foca_compiled", False) and not hasattr(module, "_hf_hook"):
             raise RuntimeError(f"{what} is already hooked; detach the other engine first.")
         module.forward = forward
         self._installed.append((module, previous))

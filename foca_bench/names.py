@@ -18,11 +18,11 @@ METHOD_NAMES = {"none": "DDIM", "reuse": "Reuse", "fora": "FORA", "taylorseer": 
                 "duca": "DuCa", "diffusers_magcache": "diffusers MagCache", "dbcache": "DBCache",
                 "cachedit_taylorseer": "cache-dit TaylorSeer", "cachedit_foca": "cache-dit FoCa",
                 "diffusers_fastercache": "diffusers FasterCache", "chipmunk": "Chipmunk", "smoothcache": "SmoothCache",
-                "l2c": "L2C", "abcache": "AB-Cache"}
+                "l2c": "L2C", "abcache": "AB-Cache", "foca_adaptive": "Adaptive FoCa"}
 ALWAYS_SHOWN = {"taylorseer": ("O",), "teacache": ("l",), "diffusers_taylorseer": ("O",),  # as the paper's labels do
                 "diffusers_fbcache": ("threshold",), "diffusers_magcache": ("threshold",),
                 **{name: ("Fn", "Bn") for name in ("dbcache", "cachedit_taylorseer", "cachedit_foca")},
-                "smoothcache": ("alpha",), "l2c": ("threshold",)}
+                "smoothcache": ("alpha",), "l2c": ("threshold",), "foca_adaptive": ("tol",)}
 MODEL_NAMES = {
     "toy_dit": "toy_dit: 1.4M-parameter DiT on scikit-learn digits (16x16). TOY MODEL, not the paper's benchmark",
     "dit_xl_2": "DiT-XL/2 256x256",
@@ -70,7 +70,7 @@ def non_default_knobs(record: dict, show_order: bool = False) -> list[str]:
     FORA's FLUX schedule; a record from before those files also carries them as `model.method_defaults`)."""
     cache = cache_knobs(record)
     cls = methods.get(record["method"])
-    specialized = model_method_settings(record["model"], record["method"])
+    specialized = model_method_settings(record["config"]["model"]["name"], record["method"])  # as the config says
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # list-valued knobs
                 for f in dataclasses.fields(cls.config_class)}
     legacy = record["config"]["model"].get("method_defaults") or {}  # a record from before conf/model_method

@@ -30,10 +30,12 @@ from foca_bench.benchmarks import Benchmark, build_benchmark
 from foca_bench.config import SamplerConfig, validate
 from foca_bench.generation import generate, generate_examples, get_adapter, resolve_device
 from foca_bench.identity import identity, inputs, run_id, samples_key
+from foca_bench.memory import plan_run
 from foca_bench.profiling import baseline_sampler, profile, tune_cpu_allocator
 from foca_bench.records import (atomic_write, atomic_write_json, claim, describe_claim, environment, finite, git_commit,
                                 read_record, record_path)
 from foca_bench.samples import IncompleteSamples, SampleStore, batches, resolve_shard
+from foca_bench.significance import externalize
 from foca_bench.tracking import log_run
 from methods.base import CacheConfig
 
@@ -157,6 +159,7 @@ def fill(r: Run, store: SampleStore, cache: CacheConfig, sampler: Any, shard: in
                             "reused": reused, "host": socket.gethostname(), "pid": os.getpid(),
                             "git_commit": git_commit(), "non_finite": []}
     if pending:
+        plan_run(r.cfg, cache, r.device, len(store.samples))  # said before the model loads
         adapter, _ = _adapter(r)
         stats: dict = {}
         samples = store.samples
@@ -187,6 +190,7 @@ def reference(r: Run) -> SampleStore:
 
 def write_record(r: Run, store: Optional[SampleStore]) -> dict:
     """Profiles, scores the complete sample store (when the run has a benchmark) and writes the record."""
+    plan_run(r.cfg, r.cache, r.device, len(store.samples) if store is not None else 1)  # before the model loads
     adapter, malloc = _adapter(r)
     shards = store.progress() if store is not None else []
     record: dict[str, Any] = {
@@ -223,6 +227,7 @@ def write_record(r: Run, store: Optional[SampleStore]) -> dict:
     if r.cfg.trace:
         record["trace"] = str(save_trace(r, adapter))
     record["timing"]["total_s"] = time.perf_counter() - r.started
+    externalize(record, r.record)  # FID/IS features beside the record, for paired comparisons (significance)
     record, found = finite(record)
     if faults + found:
         record["faults"] = faults + found

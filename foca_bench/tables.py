@@ -20,10 +20,10 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
-from foca_bench import REPO_DIR
-from foca_bench.names import METHOD_NAMES, METRIC_NAMES, MODEL_NAMES
+from foca_bench import REPO_DIR, significance
+from foca_bench.names import METHOD_NAMES, METRIC_NAMES, MODEL_NAMES, label
 from foca_bench.profiling import BEYOND_FLOPS, NOISY, SPREAD, latency_mark
-from foca_bench.results import block, load, missing
+from foca_bench.results import block, load, missing, read
 
 PAPER_DIR = REPO_DIR / "results" / "paper"
 LATENCY_MARK = " ‡"  # a latency the record notes is not the method's own (`profile.latency_note`)
@@ -177,10 +177,15 @@ def build_table(group: pd.DataFrame, title: str = "") -> Table:
                 r["label"])
 
     out = []
+    records = {r["record"]: (Path(r["record"]), read(Path(r["record"]))) for _, r in rows.iterrows()}
+    base = significance.baseline(list(records.values()))  # each quality cell: ± and ≈ against full compute
     for _, r in sorted(rows.iterrows(), key=lambda item: order(item[1])):
         cells = _cells(r, keys, cols)
+        cells[4:] = significance.cells(records[r["record"]], base, keys[4:], cells[4:], [cols[k][1] for k in keys[4:]])
         out.append([r["label"], *cells[:4], _full_steps(r), *cells[4:], f"`{r['run_id']}`"])
-    return Table(title, pd.DataFrame(out, columns=header), _marks_notes(rows))
+    notes = [significance.NOTE.format(baseline=label(base[1]))] if base and any(
+        "interval" in m for _, rec in records.values() for m in rec.get("metrics", {}).values()) else []
+    return Table(title, pd.DataFrame(out, columns=header), _marks_notes(rows) + notes)
 
 
 def load_paper_tables(paper_dir: Path = PAPER_DIR) -> dict[str, dict]:

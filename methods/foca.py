@@ -138,6 +138,13 @@ class FoCa(CacheMethod):
 
     def forecast_terms(self, key: SiteKey, step: Step) -> Terms:
         s = self.state[key]
+        point = self.point(s, step, self.cfg.corrector)
+        s.push(point, self.time(step))
+        return Terms(s.anchors(), point)
+
+    def point(self, s: _SiteState, step: Step, corrector: str) -> Weights:
+        """The forecast at `step` over the anchors (F_b, P, D), with `corrector` (`heun` or `none`); reads `s`
+        without advancing it."""
         t = self.time(step)
         if s.d_full is None:
             # one full step so far: reuse F_b. (For `ours` this equals its BDF2-Heun step, whose every point is
@@ -146,13 +153,12 @@ class FoCa(CacheMethod):
             point = AT_FULL
         elif self.cfg.reading == "ours":
             # bdf2_predict + heun_correct, fused: F_i + k1 (F_i - F_{i-1}) + k2 D_full, on the anchors' weights
-            k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, self.cfg.corrector)
+            k1, k2 = foca_weights(t - s.t_current, s.t_current - s.t_previous, self.cfg.slope, corrector)
             point = tuple(c + k1 * (c - p) + k2 * d for c, p, d in zip(s.current, s.previous, D_ONLY))
         elif self.cfg.reading == "cachedit":
             # F_b + g(e) (D + F_i - F_{i-1})
             gain = cachedit_gain(step.index - s.i_full)
             point = tuple(b + gain * (d + c - p) for b, d, c, p in zip(AT_FULL, D_ONLY, s.current, s.previous))
         else:  # lab: F_b + k D
-            point = tuple(b + LAB_WEIGHT[self.cfg.corrector] * d for b, d in zip(AT_FULL, D_ONLY))
-        s.push(point, t)
-        return Terms(s.anchors(), point)
+            point = tuple(b + LAB_WEIGHT[corrector] * d for b, d in zip(AT_FULL, D_ONLY))
+        return point

@@ -213,12 +213,14 @@ def test_foca_calibrator_forecasts_by_its_heun_rule(adapters, monkeypatch):
 @pytest.mark.parametrize("name", ["dbcache", *(pytest.param(n, marks=pytest.mark.slow) for n in CACHE_DIT[1:])])
 def test_flops_are_full_steps_plus_cached_steps_without_the_skipped_blocks(adapters, name):
     """Tiny DiT (2 blocks, CFG batch 2), Fn=1, Bn=0: a cached step does not run block 1, whose FLOPs are its
-    attention and MLP plus its adaLN-Zero modulation (a D -> 6D linear per sample). Slow for the calibrators (their
+    attention and MLP, its adaLN-Zero modulation (a D -> 6D linear per sample) and its own conditioning embedding
+    (DiT's per-block CombinedTimestepLabelEmbeddings: 256-channel sinusoid -> D -> D; external methods take the
+    per-step conditioning path, so a skipped block's embedding is not computed). Slow for the calibrators (their
     forecasts count no FLOPs: the same closed form)."""
     cfg, adapter = adapters("toy_dit")
     arch = dict(cfg.model.arch)
     D, batch = arch["num_attention_heads"] * arch["attention_head_dim"], 2
-    block = analytic_site_flops({**arch, "num_layers": 1}, batch) + batch * 2 * D * 6 * D
+    block = analytic_site_flops({**arch, "num_layers": 1}, batch) + batch * 2 * D * 6 * D + batch * (2 * 256 * D + 2 * D * D)
     full_step = count_flops(lambda: generate(adapter, cfg, methods.build({"name": "none"}), steps=1, seeds=(0,)))
     result = {}
 

@@ -200,7 +200,7 @@ def test_table_labels_name_the_reading_unless_it_is_the_default():
     def record(**cache):
         return {"method": "foca", "config": {"cache": {"name": "foca", "N": 5, "warmup": 1, "slope": "full",
                                                        "corrector": "heun", "time": "step", **cache},
-                                             "sampler": {"steps": 50}, "model": {"warmup": 1}}}
+                                             "sampler": {"steps": 50}, "model": {"name": "toy_dit", "warmup": 1}}}
 
     for reading in ("cachedit", "lab"):
         expected = "FoCa (N=5)" if reading == default else f"FoCa (N=5, reading={reading})"

@@ -1,5 +1,7 @@
 """The adapter interface: load a model, list its cache sites, and generate with a caching engine."""
 
+import inspect
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -21,6 +23,8 @@ def feed_forward_parts(ff: nn.Module) -> Optional[FeedForwardParts]:
     if type(act) is not GELU or not isinstance(down, nn.Linear):
         return None
     return FeedForwardParts(act.proj, lambda hidden: F.gelu(hidden, approximate=act.approximate), down)
+
+log = logging.getLogger("foca_bench")
 
 
 class MissingWeightsError(MissingFileError):
@@ -53,11 +57,44 @@ class Adapter(ABC):
     condition: ClassVar[str] = "class_labels"
     vae: Optional[torch.nn.Module] = None  # set by adapters whose latents a VAE decodes
     lineages: tuple[str, ...] = ("diffusers",)  # the sampler lineages (`sampler.lineage`) its loop can run
+    # the `model.offload` values it takes; `sequential` (diffusers' enable_sequential_cpu_offload) is not offered yet:
+    # on tiny FLUX it fails in accelerate's post-forward hook under our sampling loop (a plain forward runs)
+    offloads: tuple[Any, ...] = ("none", "model")
 
     def __init__(self, cfg: Any, device: str) -> None:
         self.cfg = cfg
         self.device = torch.device("meta") if cfg.weights == "meta" else torch.device(device)
         self.dtype = getattr(torch, cfg.dtype)
+        offload = cfg.get("offload", "none")  # Inf-DiT's is a bool of its own (the cache in host memory)
+        self.offload_mode = offload if isinstance(offload, str) and self.device.type != "meta" else "none"
+        # where the weights are kept: the device, or host memory under `model.offload` (moved in when used)
+        self.home = torch.device("cpu") if self.offload_mode != "none" else self.device
+        self._offload_hooks: Any = None
+
+    def offload(self, **modules: Optional[torch.nn.Module]) -> None:
+        """`model.offload=model`: diffusers' model CPU offload (`enable_model_cpu_offload`) of `modules`, named in
+        the order a generation uses them (text encoders, transformer, vae). The weights stay in host memory and each
+        whole module moves to the device when it runs, the previous one back. The caching engine's hooks wrap
+        accelerate's (tests/test_memory.py: the same samples)."""
+        if self.offload_mode == "none":
+            return
+        from diffusers import DiffusionPipeline
+
+        if self.device.type == "cpu":
+            log.warning(f"model.offload={self.offload_mode} on device cpu: the weights are in host memory already")
+
+        class Components(DiffusionPipeline):  # a pipeline of just these modules, which diffusers' offload manages
+            model_cpu_offload_seq = "->".join(modules)
+
+            def __init__(self, **parts: Optional[torch.nn.Module]) -> None:
+                super().__init__()
+                self.register_modules(**parts)
+
+        Components.__init__.__signature__ = inspect.Signature(  # DiffusionPipeline.components reads it
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in modules])
+        self._offload_hooks = Components(**modules)
+        self._offload_hooks.enable_model_cpu_offload(device=self.device)
 
     @classmethod
     def refuse(cls, model_cfg: Any, cache: Any) -> Optional[str]:

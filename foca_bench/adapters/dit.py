@@ -119,11 +119,12 @@ class DiTAdapter(Adapter):
         from diffusers import DDIMScheduler
 
         if self.device.type != "meta":
-            self.transformer.to(self.device)
+            self.transformer.to(self.home)
         if self.dtype != self.transformer.dtype:
             self.transformer.to(dtype=self.dtype)
         self.scheduler = DDIMScheduler(**cfg.scheduler)
         self.vae = self._load_vae() if cfg.vae else None
+        self.offload(transformer=self.transformer, vae=self.vae)
         arch = self.transformer.config
         self.latent_channels = arch.in_channels
         self.learned_sigma = arch.out_channels // 2 == arch.in_channels and arch.out_channels != arch.in_channels
@@ -191,12 +192,12 @@ class DiTAdapter(Adapter):
             vae = AutoencoderKL(latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 32, 32),
                                 norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
                                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-            return vae.to(self.device, self.dtype).eval().requires_grad_(False)
+            return vae.to(self.home, self.dtype).eval().requires_grad_(False)
         location = self.weights_location(self.cfg)
         if not self.has_local_weights(location, "vae"):
             raise self._missing(location, "vae")
         vae = self.from_pretrained(AutoencoderKL, location, "vae")
-        return vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        return vae.to(self.home, self.dtype).eval().requires_grad_(False)
 
     def _missing(self, location: str, part: str) -> MissingWeightsError:
         if self.cfg.name in BUNDLED and not self.cfg.path:
@@ -273,9 +274,10 @@ class DiTAdapter(Adapter):
             labels = torch.cat([null, labels] if uncond_first else [labels, null])  # (2B,)
         x = noise
         t_all = timesteps.to(self.device)[:, None].expand(len(timesteps), labels.shape[0])  # (T, 2B)
-        # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT) leave some conditioning
-        # unused: they keep the per-step path, so no FLOPs are spent on embeddings nobody reads
-        per_step = any(site.role in ("model", "blocks", "block") for site in engine.sites)
+        # methods that skip whole blocks or the whole model (reuse, TeaCache, Delta-DiT; the other projects' hooks:
+        # cache-dit's DBCache, diffusers' FBCache/MagCache) leave some conditioning unused: they keep the per-step
+        # path, so no FLOPs are spent on embeddings and modulations nobody reads
+        per_step = engine.method.external or any(site.role in ("model", "blocks", "block") for site in engine.sites)
         with self._conditioning(t_all, labels, precompute=not per_step) as conditioning:
             for i, t in enumerate(tqdm(timesteps, desc="<sampling> steps", disable=not progress, leave=False)):
                 model_in = torch.cat([x, x]) if cfg else x  # (2B, C, H, W) with CFG (DDIM's input scaling is 1)

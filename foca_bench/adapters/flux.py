@@ -46,7 +46,7 @@ class FluxAdapter(MMDiTAdapter):
                             block_out_channels=(32, 32, 32, 32), norm_num_groups=32,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             scaling_factor=0.3611, shift_factor=0.1159)
-        return vae.eval().requires_grad_(False).to(self.device, self.dtype)
+        return vae.eval().requires_grad_(False).to(self.home, self.dtype)
 
     # -- sampling --------------------------------------------------------------------------------------------
     def _latent_side(self) -> int:

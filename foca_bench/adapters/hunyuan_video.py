@@ -72,7 +72,7 @@ class HunyuanVideoAdapter(MMDiTAdapter):
         vae = AutoencoderKLHunyuanVideo(latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                                         norm_num_groups=4, spatial_compression_ratio=SPATIAL,
                                         temporal_compression_ratio=TEMPORAL)
-        return vae.eval().requires_grad_(False).to(self.device, self.dtype)
+        return vae.eval().requires_grad_(False).to(self.home, self.dtype)
 
     # -- sampling --------------------------------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -61,6 +61,7 @@ def _modulated_input(block: torch.nn.Module) -> Callable[[tuple, dict], Tensor]:
 @register_adapter("inf_dit")
 class InfDiTAdapter(Adapter):
     condition = "low_res"  # (B, 3, h, w) in [0, 1]: benchmark=div8k's inputs
+    offloads = (False, True)  # `model.offload`: the feature cache and strip memories in host memory (its own plan)
 
     def __init__(self, cfg: Any, device: str) -> None:
         super().__init__(cfg, device)

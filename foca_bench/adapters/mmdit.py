@@ -268,11 +268,14 @@ class MMDiTAdapter(Adapter):
         if self.transformer.dtype != self.dtype:  # also on the meta device, where a patch conv checks dtypes
             self.transformer.to(dtype=self.dtype)
         if self.device.type != "meta":
-            self.transformer.to(self.device)
+            self.transformer.to(self.home)
         self.scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
         self.pipeline = self._load_pipeline() if cfg.weights == "pretrained" else None
         self.vae = self.pipeline.vae if self.pipeline is not None else (
             self._random_vae() if cfg.weights == "random" else None)
+        encoders = {} if self.pipeline is None else {"text_encoder": self.pipeline.text_encoder,
+                                                     "text_encoder_2": self.pipeline.text_encoder_2}
+        self.offload(**encoders, transformer=self.transformer, vae=self.vae)
 
     def _location(self) -> str:
         return self.weights_location(self.cfg)
@@ -301,7 +304,7 @@ class MMDiTAdapter(Adapter):
             raise self._missing(", ".join(absent))
         pipe = self.from_pretrained(getattr(diffusers, self.pipeline_class), self._location(),
                                     transformer=self.transformer, torch_dtype=self.dtype)
-        return pipe.to(self.device)
+        return pipe.to(self.home)
 
     def example_conditions(self, n: int, start: int = 0) -> dict:
         return {"prompts": [EXAMPLE_PROMPT] * n}

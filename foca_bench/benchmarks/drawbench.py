@@ -17,8 +17,10 @@ import numpy as np
 from evaluation import metric
 from evaluation.clip_score import clip_scores, load_clip
 from evaluation.image_reward import env_python, run_image_reward
+from evaluation.uncertainty import summary
 from foca_bench.benchmarks import (LOCAL, Benchmark, FileBenchmarkConfig, MissingFileError, register_benchmark,
                                    require_file)
+from foca_bench.errors import CorruptFileError
 from foca_bench.identity import input_item
 from foca_bench.samples import Sample, SampleStore
 
@@ -34,8 +36,12 @@ def hf_hub_cache() -> Path:
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:
     """(prompt, category) rows of a DrawBench CSV: columns `Prompts`/`Category` (Imagen's sheet), any case."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CorruptFileError(path, "The DrawBench prompt CSV", err, "Save it as UTF-8 CSV with a `Prompts` column "
+                               "(datasets/drawbench.md).") from err
     if not rows:
         raise ValueError(f"{path} holds no prompts.")
     keys = {k.lower().strip(): k for k in rows[0]}
@@ -138,7 +144,7 @@ class DrawBench(Benchmark):
 
 def summarize(scores: dict[str, np.ndarray], categories: list[str]) -> dict:
     """Means over all samples, then per category (`<metric>@<category>`)."""
-    out = {name: metric(float(np.mean(v)), higher_is_better=True) for name, v in scores.items()}
+    out = {name: metric(float(np.mean(v)), higher_is_better=True, **summary(v)) for name, v in scores.items()}
     for name, v in scores.items():
         for category in sorted(set(categories) - {""}):
             mask = np.array([c == category for c in categories])

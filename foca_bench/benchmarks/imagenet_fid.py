@@ -11,7 +11,8 @@ from typing import Optional
 
 import numpy as np
 
-from evaluation.inception_fid import INCEPTION_FILE, INCEPTION_URL, default_inception_path, fid_is, load_reference_batch
+from evaluation.inception_fid import (INCEPTION_FILE, INCEPTION_URL, check_reference_batch, default_inception_path,
+                                     fid_is, load_reference_batch)
 from foca_bench.benchmarks import Benchmark, FileBenchmarkConfig, register_benchmark, require_file
 from foca_bench.identity import input_item
 from foca_bench.samples import Sample, SampleStore
@@ -49,6 +50,7 @@ class ImageNetFID(Benchmark):
         self.reference = require_file(self.cfg.reference_path, "ADM's ImageNet reference batch", "reference_path",
                                       f"Download VIRTUAL_imagenet256_labeled.npz from {REFERENCE_URL} (datasets/"
                                       "imagenet_fid.md).")
+        check_reference_batch(self.reference)  # loads, keys, shapes: before any sample is generated
         inception = self.cfg.inception_path or str(default_inception_path())
         self.inception = require_file(inception, f"torch-fidelity's Inception weights ({INCEPTION_FILE})",
                                       "inception_path", f"Download {INCEPTION_URL} into "

@@ -30,9 +30,11 @@ class ToyFID(Benchmark):
 
     def preflight(self) -> None:
         if self.model_cfg.num_classes != 10 or self.model_cfg.resolution != 16:
-            raise ValueError(f"benchmark=toy_fid scores 16x16 digits; model={self.model_cfg.name} makes "
-                             f"{self.model_cfg.resolution}px images of {self.model_cfg.num_classes} classes. Use it "
-                             "with model=toy_dit.")
+            raise ValueError(f"benchmark=toy_fid (the default benchmark) scores 16x16 images of 10 digit classes; "
+                             f"model={self.model_cfg.name} makes {self.model_cfg.resolution}px images of "
+                             f"{self.model_cfg.num_classes} classes. Use model=toy_dit at model.resolution=16, or this "
+                             "model's benchmark (dit_xl_2: imagenet_fid, flux: drawbench, hunyuan_video: vbench, "
+                             "inf_dit: div8k), or profile.benchmark=false (FLOPs and latency only).")
         self.classifier = load_classifier()  # fails early, before any generation, if missing
 
     def inputs(self) -> dict[str, dict]:

@@ -11,30 +11,24 @@ image, a wider cache dtype or a smaller card does not fit. What fits instead:
 - `model.offload=true`: the cache and the memories in host memory, moved to the device when used.
 
 The cache's peak is not a per-method table: a fresh copy of the configured method is driven through the run's own
-schedule and sites (`methods.base.resolve`, as live generation calls it) on tensors of up to 256 tokens per site,
-and scaled to the real token count. The memories' peak follows `StripMemory`'s bookkeeping. Both equal the bytes a
+schedule and sites (`methods.base.resolve`, as live generation calls it) on meta tensors of the real sizes, by the
+general plan's `foca_bench.memory.cache_peak_bytes`, whose units, budgets and error this module shares. The
+memories' peak follows `StripMemory`'s bookkeeping. Both equal the bytes a
 tiny run holds (tests/test_inf_dit.py); the working set (weights and the largest activations) is approximate.
 `model.mode=auto` runs the first of whole image, then strips from the widest down, that fits: the image is the same.
 """
 
-import math
-import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-import methods
+from foca_bench import memory as general
 from foca_bench.hooks import Site
-from methods._numerics import token_index
-from methods.base import CacheConfig, SiteInfo, SiteKey, Step, Tokens, resolve
+from foca_bench.memory import GB, MemoryPlanError, budgets, size  # noqa: F401  (shared with the general plan)
+from methods.base import CacheConfig, SiteKey, Step
 
-GB = 1e9
 ACTIVATION_WIDTHS = 24  # ~ live (tokens x hidden) tensors of a block's forward: qkv, 4 neighbours' k and v, MLP 4x
-
-
-class MemoryPlanError(ValueError):
-    """Nothing fits, or the configured run does not; the message lists the configurations that fit."""
 
 
 @dataclass(frozen=True)
@@ -87,33 +81,19 @@ class Generation:
     weights_bytes: int
 
 
-def cache_peak_bytes(gen: Generation, cache: CacheConfig, tokens: int, unit: int = 16) -> tuple[int, int]:
+def cache_peak_bytes(gen: Generation, cache: CacheConfig, tokens: int) -> tuple[int, int]:
     """The method's peak cache bytes over one generation of `tokens` tokens per site (per strip in strip mode), and
-    how many (evaluation, layer) pairs run self-attention. The copy runs `unit` tokens per site; its peak is scaled
-    by tokens / unit (exact when `tokens` <= `unit`)."""
-    method = methods.build(cache)
-    method.bind({s.name: SiteInfo(s.role, s.layer) for s in gen.sites})
-    method.reset()
-    n = min(tokens, unit)
-    rng = torch.Generator().manual_seed(0)
-    values = {s.name: torch.randn(gen.batch, n, gen.widths[s.role], generator=rng).to(gen.dtype) for s in gen.sites}
-    peak, pairs = 0, 0
-    for e in range(gen.evaluations):
-        step = Step(e, float(e), gen.evaluations)
-        plan = method.plan(step)
-        computed: dict[str, bool] = {}
-        for site in gen.sites:
-            key, value = SiteKey(site.name), values[site.name]
-            full = method.decide(key, step, value) if method.adaptive else method.computes(key, step, plan)
-            partial = None
-            if not full and plan.partial and site.tokenwise:
-                partial = (Tokens(site.role, *site.layer, batch=gen.batch, count=n),
-                           lambda idx, v=value: v.gather(1, token_index(idx, v.shape)))
-            resolve(method, key, step, full, lambda v=value: v, partial)
-            computed[site.name] = full
-        pairs += _attention_runs(gen, computed)
-        peak = max(peak, method.cache_bytes())
-    return math.ceil(peak * tokens / n), pairs
+    how many (evaluation, layer) pairs run self-attention: the general plan's `cache_peak_bytes` driven on meta
+    tensors of (batch, tokens, width) per site."""
+    values = {SiteKey(s.name): ((gen.batch, tokens, gen.widths[s.role]), gen.dtype) for s in gen.sites}
+    shapes = general.Shapes({s.name: s for s in gen.sites}, values, {k: v[0] for k, v in values.items()}, 0)
+    pairs = 0
+
+    def count(step: Step, computed: dict[SiteKey, bool]) -> None:
+        nonlocal pairs
+        pairs += _attention_runs(gen, {k.site: full for k, full in computed.items()})
+
+    return general.cache_peak_bytes(cache, shapes, gen.evaluations, on_step=count), pairs
 
 
 def _attention_runs(gen: Generation, computed: dict[str, bool]) -> int:
@@ -144,33 +124,6 @@ def estimate(setting: Setting, gen: Generation) -> Estimate:
         memory = memory_peak_bytes(rows, setting.strip, row_bytes, pairs)
     working = gen.weights_bytes + ACTIVATION_WIDTHS * gen.batch * tokens * gen.hidden * itemsize
     return Estimate(setting, cache_bytes, memory, working)
-
-
-def budgets(device: torch.device, override_gb: Optional[float]) -> tuple[int, int]:
-    """(bytes the device has free for the run, bytes of host memory available)."""
-    host = _host_available()
-    if override_gb is not None:
-        return int(override_gb * GB), host
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0], host
-    return host, host
-
-
-def _host_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def size(n: float) -> str:
-    """Bytes in the largest unit that keeps a digit before the point (1 kB = 1000 B)."""
-    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def describe(e: Estimate) -> str:

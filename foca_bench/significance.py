@@ -1,0 +1,105 @@
+"""Intervals and paired comparisons from records, for tables and figures (numerics: `evaluation/uncertainty.py`).
+
+A record's metric holds its bootstrap `interval` and what recomputes it: `per_sample` values and their
+`statistic` (per-sample metrics), or, for FID/IS, `arrays` (the generated set's features or logits) that
+`externalize` moves out of the JSON into `<run_id>.arrays.npz` beside the record. `compare` runs the paired
+bootstrap of a row against the full-compute baseline of its table (same benchmark, seeds and sample count), and
+`cell` writes `value ± half-width`, marked `≈` where the difference is not distinguishable from 0 at the 95%
+level. docs/statistics.md explains the method.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from evaluation.uncertainty import LEVEL, RESAMPLES, SEED, SET_RESAMPLES, paired, set_paired, set_statistic
+from foca_bench.records import atomic_write
+
+SAME = " ≈"  # the cell's mark: not distinguishable from the baseline
+NOTE = (f"± half-width of the {LEVEL:.0%} bootstrap interval over samples ({RESAMPLES} resamples; FID/IS: "
+        f"{SET_RESAMPLES} resamples of the generated set's features; seed {SEED}).{SAME.strip()}: the paired "
+        "bootstrap difference to {baseline} on the same seeds has a 95% interval containing 0, i.e. the row is "
+        "not distinguishable from it (docs/statistics.md).")
+
+
+def arrays_path(record_path: Path) -> Path:
+    return Path(record_path).with_suffix(".arrays.npz")
+
+
+def externalize(record: dict, path: Path) -> None:
+    """Moves the metrics' numpy `arrays` into `<record>.arrays.npz` (atomically), leaving that file's name."""
+    arrays = {f"{name}/{key}": np.asarray(value) for name, m in record.get("metrics", {}).items()
+              for key, value in (m.get("arrays") or {}).items()}
+    if not arrays:
+        return
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(arrays_path(path), write)
+    for m in record["metrics"].values():
+        if m.get("arrays"):
+            m["arrays"] = arrays_path(path).name
+
+
+def load_arrays(record_path: Path, name: str) -> Optional[dict]:
+    """The arrays of metric `name` of the record at `record_path`, or None when the record has none."""
+    file = arrays_path(record_path)
+    if not file.is_file():
+        return None
+    with np.load(file) as f:
+        return {k.split("/", 1)[1]: f[k] for k in f.files if k.startswith(f"{name}/")} or None
+
+
+def half_width(m: dict) -> Optional[float]:
+    lo, hi = m.get("interval") or (None, None)
+    return None if lo is None or hi is None else (hi - lo) / 2.0
+
+
+def same_samples(a: dict, b: dict) -> bool:
+    sa, sb = a.get("samples", {}), b.get("samples", {})
+    return (a.get("benchmark") == b.get("benchmark") and sa.get("count") == sb.get("count")
+            and sa.get("seeds") == sb.get("seeds"))
+
+
+def compare(row: tuple[Path, dict], base: tuple[Path, dict], name: str) -> Optional[dict]:
+    """Paired bootstrap of metric `name`, row minus baseline; None when either lacks what recomputes it."""
+    (rp, r), (bp, b) = row, base
+    m, mb = r.get("metrics", {}).get(name), b.get("metrics", {}).get(name)
+    if not m or not mb or not same_samples(r, b) or m.get("statistic") != mb.get("statistic"):
+        return None
+    if m.get("per_sample") is not None and mb.get("per_sample") is not None:
+        return paired(m["per_sample"], mb["per_sample"], m["statistic"])
+    ar, ab = load_arrays(rp, name), load_arrays(bp, name)
+    if m.get("arrays") and ar is not None and ab is not None:
+        fn, x = set_statistic(m["statistic"], ar)
+        return set_paired(x, set_statistic(mb["statistic"], ab)[1], fn)
+    return None
+
+
+def baseline(rows: list[tuple[Path, dict]]) -> Optional[tuple[Path, dict]]:
+    """The full-compute row of a table: `method=none` at the most steps."""
+    nones = [pr for pr in rows if pr[1]["method"] == "none"]
+    return max(nones, key=lambda pr: pr[1]["config"]["sampler"]["steps"]) if nones else None
+
+
+def cell(text: str, m: Optional[dict], digits: int, verdict: Optional[dict]) -> str:
+    """`text` (the formatted value) with ± half-width, and `SAME` when the verdict cannot tell it from the
+    baseline."""
+    hw = half_width(m) if m else None
+    if hw is None or text == "—":
+        return text
+    return f"{text} ± {hw:.{digits}f}" + (SAME if verdict is not None and not verdict["distinguishable"] else "")
+
+
+def cells(row: tuple[Path, dict], base: Optional[tuple[Path, dict]], keys: list[str], texts: list[str],
+          digits: list[int]) -> list[str]:
+    """Quality cells of a row: `cell` for each metric key, compared with `base` (not with itself)."""
+    metrics = row[1].get("metrics", {})
+    out = []
+    for key, text, d in zip(keys, texts, digits):
+        verdict = compare(row, base, key) if base is not None and base[1] is not row[1] else None
+        out.append(cell(text, metrics.get(key), d, verdict))
+    return out

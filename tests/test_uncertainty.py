@@ -1,0 +1,108 @@
+"""Bootstrap intervals against closed forms, the paired test's false-positive rate and power, FID/IS against closed
+forms, and records' intervals recomputed from what they store (evaluation/uncertainty.py, foca_bench/significance.py)."""
+
+import numpy as np
+import pytest
+
+from evaluation.uncertainty import (frechet_distance, inception_score, interval, paired, set_interval, set_paired,
+                                    summary)
+from foca_bench.significance import SAME, cell, compare, externalize, load_arrays
+
+
+def test_interval_of_gaussian_samples_matches_the_closed_form():
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 2.0, size=400)
+    lo, hi = interval(x)
+    half = 1.959964 * x.std(ddof=1) / np.sqrt(len(x))  # mean ± z sigma / sqrt(n)
+    assert lo == pytest.approx(x.mean() - half, abs=0.1 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.1 * half)
+    # the same through the set-metric path (any function of the rows), centred at the estimate
+    slo, shi = set_interval(x[:, None], lambda rows: float(rows.mean()), resamples=2000)
+    assert (shi - slo) / 2 == pytest.approx(half, rel=0.1)
+
+
+def test_psnr_interval_is_over_the_set_psnr():
+    mse = np.full(50, 1e-3)
+    assert interval(mse, "psnr") == (pytest.approx(30.0), pytest.approx(30.0))  # identical samples: a point
+    lo, hi = interval(np.random.default_rng(0).uniform(5e-4, 2e-3, 200), "psnr")
+    assert lo < 10 * np.log10(1 / 1.25e-3) < hi
+
+
+def test_paired_false_positive_rate_is_near_its_nominal_level():
+    """Two rows from the same distribution sharing a per-seed part (as rows on the same seeds do): the test calls
+    them different in about 5% of 400 trials."""
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(400):
+        seed_part = rng.normal(0, 3.0, 80)
+        a, b = seed_part + rng.normal(0, 1, 80), seed_part + rng.normal(0, 1, 80)
+        hits += paired(a, b, resamples=999, seed=int(rng.integers(1 << 30)))["distinguishable"]
+    assert 0.02 <= hits / 400 <= 0.09
+
+
+def test_pairing_resolves_a_difference_smaller_than_either_interval():
+    rng = np.random.default_rng(3)
+    seed_part = rng.normal(0, 3.0, 100)
+    a, b = seed_part + 0.3 + rng.normal(0, 0.3, 100), seed_part + rng.normal(0, 0.3, 100)
+    lo, hi = interval(a)
+    assert hi - lo > 0.6  # 0.3 is well inside either row's own interval
+    verdict = paired(a, b)
+    assert verdict["distinguishable"] and verdict["p"] < 0.01
+    assert verdict["interval"][0] < 0.3 < verdict["interval"][1]
+    assert paired(a, a) == {"difference": 0.0, "interval": [0.0, 0.0], "p": 1.0, "distinguishable": False}
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 1.0])
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected)
+
+
+def test_inception_score_closed_forms():
+    confident = np.eye(10)[np.arange(200) % 10] * 50.0  # certain, classes balanced: IS = 10
+    assert inception_score(confident) == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(confident, splits=10) < 10.0  # shuffled splits of 20: classes no longer balanced
+    assert inception_score(np.zeros((50, 10))) == pytest.approx(1.0)  # uniform predictions: IS = 1
+
+
+def test_set_paired_on_identical_rows_and_on_a_shift():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(100, 1))
+    mean = lambda rows: float(rows.mean())  # noqa: E731
+    assert not set_paired(x, x, mean, resamples=200)["distinguishable"]
+    assert set_paired(x + 0.5, x, mean, resamples=200)["distinguishable"]
+
+
+def _record(values, arrays=None):
+    metrics = {"ssim": {"value": float(np.mean(values)), "higher_is_better": True, **summary(values)}}
+    if arrays is not None:
+        metrics["fid"] = {"value": 1.0, "higher_is_better": False, "interval": [0.5, 1.5], "statistic": "fid",
+                          "arrays": arrays}
+    return {"benchmark": "toy_fid", "samples": {"count": len(values), "seeds": [0, len(values) - 1]},
+            "metrics": metrics}
+
+
+def test_records_keep_what_recomputes_their_intervals_and_compare_paired(tmp_path):
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(300, 4))
+    stats = {"real_mu": real.mean(0), "real_sigma": np.cov(real, rowvar=False)}
+    shared = rng.normal(0, 0.2, 60)
+    base = _record(0.9 + shared, {"features": rng.normal(size=(60, 4)), **stats})
+    near = _record(0.9 + shared + rng.normal(0, 1e-3, 60), {"features": rng.normal(size=(60, 4)), **stats})
+    far = _record(0.5 + shared, {"features": rng.normal(2.0, 1.0, size=(60, 4)), **stats})
+    rows = {}
+    for name, rec in (("base", base), ("near", near), ("far", far)):
+        path = tmp_path / f"{name}.json"
+        externalize(rec, path)
+        assert rec["metrics"]["fid"]["arrays"] == f"{name}.arrays.npz"
+        rows[name] = (path, rec)
+    assert load_arrays(rows["far"][0], "fid")["features"].shape == (60, 4)
+    assert interval(base["metrics"]["ssim"]["per_sample"]) == tuple(base["metrics"]["ssim"]["interval"])
+    assert not compare(rows["near"], rows["base"], "ssim")["distinguishable"]
+    assert compare(rows["far"], rows["base"], "ssim")["distinguishable"]
+    assert compare(rows["far"], rows["base"], "fid")["distinguishable"]  # from the features beside the records
+    assert cell("0.900", near["metrics"]["ssim"], 3, compare(rows["near"], rows["base"], "ssim")).endswith(SAME)
+    assert " ± " in cell("0.500", far["metrics"]["ssim"], 3, None)
+    other = dict(far, samples={"count": 60, "seeds": [100, 159]})  # other seeds: no paired comparison
+    assert compare((rows["far"][0], other), rows["base"], "ssim") is None
