@@ -26,11 +26,11 @@ def full_steps(adapter, cfg, overrides: list[str], tol: float, seeds: list[int])
     """Full steps and estimates of one batch generation at `tol`."""
     cache = validate(compose(*overrides, "method=foca_adaptive", f"cache.tol={tol}"))
     method = methods.build(cache)
-    labels = torch.tensor([s % max(cfg.model.num_classes, 1) for s in seeds])
+    conditions = adapter.example_conditions(len(seeds), start=seeds[0])  # class s % C of seed s, or the prompt
     with CacheEngine(method, adapter.sites()) as engine:
         engine.reset()
         adapter.generate(engine, adapter.make_noise(seeds), cfg.sampler.steps, cfg.sampler.guidance_scale,
-                         cfg.sampler.guided_channels, lineage=cfg.sampler.lineage, class_labels=labels)
+                         cfg.sampler.guided_channels, lineage=cfg.sampler.lineage, **conditions)
     skipped = [e for e, full in zip(method.estimates, method.decisions) if not full and e is not None]
     return {"tol": tol, "full_steps": engine.full_steps, "steps": cfg.sampler.steps,
             "full_at": [i for i, full in enumerate(method.decisions) if full],

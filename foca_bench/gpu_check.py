@@ -213,14 +213,21 @@ class Check:
 
 def paper_ratio(model: str, method: str, knobs: dict):
     """The paper's latency speed-up over its FLOPs speed-up for this row (results/paper/*.yaml), or None."""
-    from foca_bench.tables import load_paper_tables
+    from foca_bench.tables import load_paper_tables, row_run
 
     paper = load_paper_tables().get(model)
     if paper is None:
         return None
-    wanted = {"method": method, "sampler.steps": STEPS, **{f"cache.{k}": v for k, v in knobs.items()}}
-    rows = {tuple(sorted((r["match"] or {}).items())): r["paper"] for r in paper["rows"]}
-    row, base = rows.get(tuple(sorted(wanted.items()))), rows.get((("method", "none"), ("sampler.steps", STEPS)))
+
+    def find(name: str, wanted: dict):  # the first paper row that runs `name` with `wanted`
+        for r in paper["rows"]:
+            run = row_run(paper["table"], r["row"], model)
+            if (run["method"] == name and run["steps"] == STEPS
+                    and all(run["cache"].get(k) == v for k, v in wanted.items())):
+                return r["paper"]
+        return None
+
+    row, base = find(method, knobs), find("none", {})
     if row is None or not row.get("flops_speedup"):
         return None
     latency = row.get("latency_speedup")

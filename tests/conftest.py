@@ -37,6 +37,14 @@ def make_cfg(*overrides: str):
     return compose(*overrides)
 
 
+def conditions(adapter, labels) -> dict:
+    """`Adapter.generate`'s conditions for len(labels) samples: these class labels on a class-conditioned model, the
+    adapter's example conditions (a prompt) on the others."""
+    if adapter.condition == "class_labels":
+        return {"class_labels": torch.as_tensor(labels)}
+    return adapter.example_conditions(len(labels))
+
+
 def write_router(path, logits: torch.Tensor) -> str:
     """An L2C router file in the official format (one logit vector per step), as `method=l2c` reads it."""
     torch.save({"routers": {f"{i}.prob": row.clone() for i, row in enumerate(logits)}}, path)

@@ -20,7 +20,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.profiling import count_flops
-from tests.conftest import TINY_MODELS, make_cfg
+from tests.conftest import TINY_MODELS, conditions, make_cfg
 from tests.test_flops import analytic_site_flops
 
 STEPS = 8
@@ -45,7 +45,7 @@ def generate(adapter, cfg, method, steps=STEPS, seeds=(0, 1)):
     """Images of one generation, and cache-dit's cached steps per block stack (None for our own methods)."""
     with CacheEngine(method, adapter.sites()) as engine:
         out = adapter.generate(engine, adapter.make_noise(list(seeds)), steps,
-                               cfg.sampler.guidance_scale, class_labels=torch.tensor([1, 2][: len(seeds)]))
+                               cfg.sampler.guidance_scale, **conditions(adapter, [1, 2][: len(seeds)]))
         cached = engine.external.cached_steps() if engine.external is not None else None
     return out, cached
 
@@ -75,7 +75,7 @@ def test_two_generations_and_two_enable_disable_cycles_give_the_same_output(adap
     reference, _ = generate(adapter, cfg, methods.build({"name": "none"}))
     method = cachedit("dbcache", threshold=0.2, max_warmup_steps=2)
     with CacheEngine(method, adapter.sites()) as engine:  # two generations in one engine: reset between them
-        outs = [adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, class_labels=torch.tensor([1, 2]))
+        outs = [adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, **conditions(adapter, [1, 2]))
                 for _ in range(2)]
         cached = engine.external.cached_steps()
     assert torch.equal(outs[0], outs[1]) and 0 < len(next(iter(cached.values()))) < STEPS - 2

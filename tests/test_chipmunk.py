@@ -16,7 +16,7 @@ from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine, FeedForwardParts, _FeedForwardOps
 from methods._sparse import column_count, token_groups
 from methods.base import Step, TokenLayout, Tokens
-from tests.conftest import TINY_MODELS, flops_of, make_cfg
+from tests.conftest import TINY_MODELS, conditions, flops_of, make_cfg
 
 T = 14
 
@@ -143,7 +143,7 @@ def test_column_count_is_the_kernels_expected_count():
 def _generate(adapter, cache, steps=8):
     method = methods.build(cache)
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, adapter.make_noise([0, 1]), steps, 3.0, class_labels=torch.tensor([1, 2]))
+        return adapter.generate(engine, adapter.make_noise([0, 1]), steps, 3.0, **conditions(adapter, [1, 2]))
 
 
 @pytest.mark.parametrize("model", ["dit_xl_2", "flux", "hunyuan_video"])

@@ -18,7 +18,7 @@ from foca_bench.hooks import CacheEngine
 from foca_bench.identity import identity
 from methods._numerics import combine
 from methods.base import SiteKey, Step
-from tests.conftest import TINY, TINY_FLUX, TINY_HUNYUAN, make_cfg
+from tests.conftest import TINY, TINY_FLUX, TINY_HUNYUAN, conditions, make_cfg
 
 STEPS = 8
 FUSABLE = sorted(name for name, cls in methods.METHODS.items() if cls.fusable and set(cls.roles) <= set(SITE_ROLES))
@@ -42,7 +42,7 @@ def tiny_dit():
 def _generate(adapter, guidance, cache, seed, backend):
     labels = torch.tensor([0, 1]) % max(adapter.cfg.num_classes, 1)
     with build_engine(methods.build(cache), adapter.sites(), backend) as engine:
-        out = adapter.generate(engine, adapter.make_noise([seed, seed + 1]), STEPS, guidance, class_labels=labels)
+        out = adapter.generate(engine, adapter.make_noise([seed, seed + 1]), STEPS, guidance, **conditions(adapter, labels))
     return out, engine
 
 
@@ -88,7 +88,7 @@ def test_cuda_graph_mode_reads_held_tensors_from_static_slots_filled_once_per_wi
     engine = CompiledEngine(methods.build(cache), adapter.sites(), "aot_eager")
     engine.mode = "reduce-overhead"  # what `model.compile_mode=reduce-overhead` sets with inductor
     with engine:
-        out = adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, guidance, class_labels=torch.tensor([0, 1]))
+        out = adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, guidance, **conditions(adapter, [0, 1]))
     sites = len(engine.sites)
     assert copies == [3 * sites, 3 * sites]  # F_b, P, D_full of every site, at the first skipped step of each window
     torch.testing.assert_close(out, _generate(adapter, guidance, cache, 0, None)[0], rtol=1e-5, atol=1e-5)

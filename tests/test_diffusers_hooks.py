@@ -12,14 +12,14 @@ from foca_bench.adapters import build_adapter
 from foca_bench.calibrate_magcache import magnitude_ratios
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from tests.conftest import TINY, make_cfg
+from tests.conftest import TINY, conditions, make_cfg
 
 STEPS = 12
 
 
 def _generate(adapter, method, seed=0, label=1):
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, adapter.make_noise([seed]), STEPS, 3.0, class_labels=torch.tensor([label]))
+        return adapter.generate(engine, adapter.make_noise([seed]), STEPS, 3.0, **conditions(adapter, [label]))
 
 
 def test_our_calibration_equals_diffusers_calibration_mode(capsys):
@@ -52,7 +52,9 @@ def test_magcache_skips_the_block_stack_within_its_threshold_and_not_in_the_rete
     try:
         reference = _generate(adapter, methods.build({"name": "none"}))
         never = {"name": "diffusers_magcache", "mag_ratios": ratios, "steps": STEPS, "max_skip_steps": 0}
-        assert torch.equal(_generate(adapter, methods.build(never)), reference)
+        # external methods take DiT's per-step conditioning path, `none` the precomputed one: equal up to float32
+        # rounding of the batched embedding matmul (~1e-7 relative, docs/methods.md)
+        torch.testing.assert_close(_generate(adapter, methods.build(never)), reference, rtol=1e-5, atol=1e-6)
         runs.clear()
         cached = _generate(adapter, methods.build({**never, "max_skip_steps": 3, "threshold": 0.5,
                                                    "retention_ratio": 0.25}))
@@ -77,7 +79,7 @@ def _fastercache_run(adapter, cfg, steps, **knobs):
                 for k, attn in enumerate(attention)]
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, adapter.make_noise([0]), steps, cfg.sampler.guidance_scale, class_labels=torch.tensor([1]))
+            adapter.generate(engine, adapter.make_noise([0]), steps, cfg.sampler.guidance_scale, **conditions(adapter, [1]))
     finally:
         for h in handles:
             h.remove()
@@ -134,4 +136,4 @@ def test_fastercache_flops_are_full_steps_minus_the_skipped_attentions():
 
 def _generate_one(adapter, method, steps):
     with CacheEngine(method, adapter.sites()) as engine:
-        return adapter.generate(engine, adapter.make_noise([0]), steps, 3.5, class_labels=torch.tensor([1]))
+        return adapter.generate(engine, adapter.make_noise([0]), steps, 3.5, **conditions(adapter, [1]))

@@ -3,6 +3,8 @@ closed forms (an exact output; a known uniform error) and a perturbation that mu
 
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -96,7 +98,8 @@ def test_inf_dit_super_resolves_div8k_end_to_end(skimage_gt, tmp_path):
     assert 0 < metrics["psnr"]["value"] < 60 and -1 < metrics["ssim"]["value"] < 1
     assert profile["flops_speedup"] > 1 and profile["latency_s"] > 0 and record["memory"]["cache_bytes_peak"] > 0
     assert record["samples"]["count"] == 3 and record["samples"]["full_steps"] == 3  # of 5 evaluations, N=2
-    folder = tmp_path / "samples" / "div8k" / "inf_dit" / "foca" / record["run_id"]
+    folder = Path(record["samples"]["folder"])  # results/samples/div8k/inf_dit/foca/<samples key>
+    assert folder.parent == tmp_path / "samples" / "div8k" / "inf_dit" / "foca"
     with Image.open(folder / "000000.png") as im:
         assert im.size == (64, 64)
 

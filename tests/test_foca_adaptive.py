@@ -11,6 +11,7 @@ import methods
 from foca_bench.hooks import CacheEngine
 from methods._numerics import bdf2_predict, heun_correct
 from methods.base import SiteKey, Step
+from tests.conftest import conditions
 
 
 def drive(values, **cfg):
@@ -142,7 +143,7 @@ def test_a_generation_on_the_tiny_dit_counts_the_steps_it_decided(adapter):
     method = methods.build({"name": "foca_adaptive", "tol": 0.02, "warmup": 1})
     with CacheEngine(method, adapter.sites()) as engine:
         engine.reset()
-        adapter.generate(engine, adapter.make_noise([0, 1]), 20, 3.0, class_labels=torch.tensor([3, 5]))
+        adapter.generate(engine, adapter.make_noise([0, 1]), 20, 3.0, **conditions(adapter, [3, 5]))
     assert engine.full_steps == sum(method.decisions) and len(method.decisions) == 20
     assert 2 < engine.full_steps < 20
 

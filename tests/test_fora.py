@@ -26,7 +26,7 @@ import methods
 from foca_bench import REPO_DIR
 from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
-from tests.conftest import make_cfg
+from tests.conftest import conditions, make_cfg
 
 
 def official_dit(T: int, N: int) -> list[bool]:
@@ -127,7 +127,7 @@ def test_live_generation_computes_the_official_steps(adapter):
     """The engine asks FORA with the step count, so a live run computes the countdown's steps (T=10, N=3: 0, 3, 6,
     9, where the shared schedule would compute 0, 1, 4, 7)."""
     with CacheEngine(methods.build({"name": "fora", "N": 3, "warmup": 1}), adapter.sites(), trace=True) as engine:
-        adapter.generate(engine, adapter.make_noise([0, 1]), 10, 3.0, class_labels=torch.tensor([1, 7]))
+        adapter.generate(engine, adapter.make_noise([0, 1]), 10, 3.0, **conditions(adapter, [1, 7]))
     assert engine.trace_tensors()["full"].tolist() == official_dit(10, 3)
 
 

@@ -15,7 +15,7 @@ from foca_bench.config import validate
 from foca_bench.hooks import CacheEngine
 from foca_bench.train_l2c import main as train_main
 from methods.l2c import load_router
-from tests.conftest import flops_of, make_cfg, write_router
+from tests.conftest import conditions, flops_of, make_cfg, write_router
 
 SITES = 4  # tiny DiT: attention and MLP of 2 blocks
 
@@ -46,7 +46,7 @@ def _run(adapter, cache, steps):
     method = methods.build(cache)
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, adapter.make_noise([0, 1]), steps, 1.5, class_labels=torch.tensor([1, 2]))
+            adapter.generate(engine, adapter.make_noise([0, 1]), steps, 1.5, **conditions(adapter, [1, 2]))
     finally:
         for h in hooks:
             h.remove()

@@ -15,7 +15,7 @@ import torch
 
 import methods
 from foca_bench.config import validate
-from tests.conftest import make_cfg
+from tests.conftest import conditions, make_cfg
 
 T = 50
 TAYLORSEER = "Shenyi-Z/TaylorSeer@288776dfd0cbb6e201c654c31cd22139f848a6cf"
@@ -281,7 +281,7 @@ def run_tiny(adapter, cache, steps):
     from foca_bench.hooks import CacheEngine
 
     with CacheEngine(methods.build(cache), adapter.sites()) as engine:
-        out = adapter.generate(engine, adapter.make_noise([0]), steps, 3.0, class_labels=torch.tensor([3]))
+        out = adapter.generate(engine, adapter.make_noise([0]), steps, 3.0, **conditions(adapter, [3]))
     return out, engine
 
 

@@ -13,7 +13,7 @@ import methods
 from foca_bench.calibrate_smoothcache import measure
 from foca_bench.hooks import CacheEngine
 from methods.smoothcache import smoothcache_schedule
-from tests.conftest import flops_of
+from tests.conftest import conditions, flops_of
 
 STEPS = 8
 
@@ -65,7 +65,7 @@ def test_calibration_matches_the_official_helper(adapter):
     errors, _, steps = measure(["model.size=tiny", f"sampler.steps={STEPS}"], samples=2, lookahead=3)
     labels = torch.arange(2) % 10
     with CacheEngine(methods.build({"name": "none"}), adapter.sites(), trace=True) as engine:
-        adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, class_labels=labels)
+        adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, **conditions(adapter, labels))
         trace = engine.trace_tensors()
     for kind in ("attn", "mlp"):
         sites = [v for k, v in trace.items() if k.split("/")[0].endswith(f".{kind}")]
@@ -95,7 +95,7 @@ def test_a_run_skips_the_calibrated_layers_and_reuses_their_last_output(adapter)
     method = methods.build({"name": "smoothcache", "alpha": 0.2, "errors": _errors(ATTN, MLP)})
     try:
         with CacheEngine(method, adapter.sites(), trace=True) as engine:
-            adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, class_labels=torch.tensor([1, 2]))
+            adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 1.5, **conditions(adapter, [1, 2]))
             trace = engine.trace_tensors()
     finally:
         for h in hooks:
