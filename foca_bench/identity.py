@@ -57,8 +57,8 @@ def identity(cfg: DictConfig, cache: CacheConfig, inputs: Optional[dict[str, dic
     """The resolved config that defines a run, with `inputs` ({name: {"path", "sha256"}}) as {name: sha256}.
 
     Dropped: schedule fields of schedule-free methods; defaults that were added after records existed (cache
-    dtype, a method's `omit_from_identity` values, model compile and compile_mode, size=full, the diffusers
-    sampler lineage); the unused `model.tiny` block and the model's default lineage (the sampler's is what ran);
+    dtype, a method's `omit_from_identity` values, model compile and compile_mode, size=full, model.offload=none
+    with no memory budget, the diffusers sampler lineage); the unused `model.tiny` block and the model's default lineage (the sampler's is what ran);
     the machine-local keys of the benchmark and method (`local_keys`: their files enter through `inputs`); the
     benchmark when none runs (`profile.benchmark`).
     """
@@ -78,6 +78,10 @@ def identity(cfg: DictConfig, cache: CacheConfig, inputs: Optional[dict[str, dic
     if config["model"].get("size") == "full":
         config["model"].pop("size")
     config["model"].pop("lineage", None)  # only a default: the sampler's lineage is what ran
+    if config["model"].get("offload") == "none":  # weights on the device, the default (memory plans): ids stay
+        config["model"].pop("offload")
+        if config["model"].get("memory_budget_gb", "unset") is None:  # Inf-DiT's own keys were in its ids before
+            config["model"].pop("memory_budget_gb")
     if config["sampler"].get("lineage") == "diffusers":  # the lineage every run had before it: ids stay
         config["sampler"].pop("lineage")
     if cfg.profile.benchmark:

@@ -33,9 +33,10 @@ LEGACY_METHOD_DEFAULTS = {"toy_dit": ("teacache", "diffusers_magcache", "smoothc
                           "dit_xl_2": ("taylorseer",)}
 
 
-def legacy_run_id(cfg: DictConfig, cache: CacheConfig) -> str:
-    """The id a validated config had before input hashing: its identity with every `model.method_defaults` of its
-    model, its method's file knobs (`cache.*_path`) as the paths the config names, and no input hashes."""
+def legacy_run_ids(cfg: DictConfig, cache: CacheConfig) -> list[str]:
+    """The ids a validated config had before input hashing: its identity with every `model.method_defaults` of its
+    model, its method's file knobs (`cache.*_path`) as the paths the config names, and no input hashes; then the
+    same with `model.offload=none` and the memory budget, which main's ids briefly held (memory plans, 020acbe)."""
     old = identity(cfg, cache)
     old["model"]["method_defaults"] = {
         method: OmegaConf.to_container(OmegaConf.load(REPO_DIR / "conf" / "model_method" / f"{cfg.model.name}_"
@@ -43,7 +44,16 @@ def legacy_run_id(cfg: DictConfig, cache: CacheConfig) -> str:
         for method in LEGACY_METHOD_DEFAULTS.get(cfg.model.name, ())}
     for key in local_keys(cfg.cache):
         old["cache"][key] = cfg.cache[key]
-    return run_id(old)
+    ids = [run_id(old)]
+    if "offload" not in old["model"] and "offload" in cfg.model:
+        ids.append(run_id({**old, "model": {**old["model"], "offload": cfg.model.offload,
+                                            "memory_budget_gb": cfg.model.get("memory_budget_gb")}}))
+    return ids
+
+
+def legacy_run_id(cfg: DictConfig, cache: CacheConfig) -> str:
+    """The id a validated config had before input hashing (`legacy_run_ids`' first)."""
+    return legacy_run_ids(cfg, cache)[0]
 
 
 def _move(old: Path, new: Path) -> bool:
@@ -57,8 +67,9 @@ def _move(old: Path, new: Path) -> bool:
 def migrate(cfg: DictConfig) -> str:
     """Moves the run's record from its old id to its new one; returns what it did."""
     r = prepare(cfg)
-    old_id = legacy_run_id(r.cfg, r.cache)
-    old = record_path(Path(r.cfg.results_dir), r.name, r.cfg.model.name, r.cache.name, old_id)
+    candidates = {i: record_path(Path(r.cfg.results_dir), r.name, r.cfg.model.name, r.cache.name, i)
+                  for i in legacy_run_ids(r.cfg, r.cache)}
+    old_id, old = next(((i, p) for i, p in candidates.items() if p.is_file()), next(iter(candidates.items())))
     if r.record.is_file():
         return f"{r.record}: already there"
     if not old.is_file():

@@ -22,7 +22,7 @@ from foca_bench.adapters import build_adapter
 from foca_bench.benchmarks import BENCHMARKS, Benchmark, BenchmarkConfig, register_benchmark
 from foca_bench.config import validate
 from foca_bench.generation import generate
-from foca_bench.migrate import legacy_run_id, migrate
+from foca_bench.migrate import legacy_run_id, legacy_run_ids, migrate
 from foca_bench.names import METRIC_NAMES
 from foca_bench.records import atomic_write_json, record_path
 from foca_bench.results import load
@@ -196,6 +196,9 @@ def test_record_ids_of_before_input_hashing_are_reproduced(inputs):
     assert legacy_run_id(fid.cfg, fid.cache) == "81f91edc1abe"
     draw = _drawbench(inputs, "method=fora", "cache.N=2")
     assert legacy_run_id(draw.cfg, draw.cache) == "80ed38db3137"
+    # the ids of main while they held model.offload=none and the memory budget (4a6176f) are the second candidate
+    cfg = make_cfg("method=none")
+    assert legacy_run_ids(cfg, validate(cfg)) == ["e981c5f1ffc7", "f740270fe407"]
 
 
 def test_migrate_moves_a_finished_record_and_its_samples_to_the_new_id(tmp_path):
