@@ -58,7 +58,8 @@ def identity(cfg: DictConfig, cache: CacheConfig, inputs: Optional[dict[str, dic
 
     Dropped: schedule fields of schedule-free methods; defaults that were added after records existed (cache
     dtype, a method's `omit_from_identity` values, model compile and compile_mode, size=full, model.offload=none
-    with no memory budget, the diffusers sampler lineage); the unused `model.tiny` block and the model's default lineage (the sampler's is what ran);
+    with no memory budget, the diffusers sampler lineage); the unused `model.tiny` block and the model's default
+    lineage (the sampler's is what ran);
     the machine-local keys of the benchmark and method (`local_keys`: their files enter through `inputs`); the
     benchmark when none runs (`profile.benchmark`).
     """

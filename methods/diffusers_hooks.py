@@ -103,7 +103,8 @@ class DiffusersMagCacheConfig(CacheConfig):
     in a row, never in the first `retention_ratio` of the steps.
 
     Attributes:
-        mag_ratios: the model's per-step residual magnitude ratios (`conf/model_method/<model>_diffusers_magcache.yaml`).
+        mag_ratios: the model's per-step residual magnitude ratios
+            (`conf/model_method/<model>_diffusers_magcache.yaml`).
         steps: the number of sampling steps the hook interpolates the ratios to; null takes `sampler.steps`.
     """
 

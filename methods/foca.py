@@ -65,7 +65,7 @@ class FoCaConfig(CacheConfig):
     slope: str = "full"
     corrector: str = "heun"
 
-    # runs from before `cache.reading` existed computed `ours`: its records keep their ids (foca_bench.identity.identity)
+    # runs from before `cache.reading` existed computed `ours`: its records keep their ids (foca_bench.identity)
     omit_from_identity: ClassVar[dict[str, Any]] = {"reading": "ours"}
 
     def __post_init__(self) -> None:

@@ -42,7 +42,8 @@ def tiny_dit():
 def _generate(adapter, guidance, cache, seed, backend):
     labels = torch.tensor([0, 1]) % max(adapter.cfg.num_classes, 1)
     with build_engine(methods.build(cache), adapter.sites(), backend) as engine:
-        out = adapter.generate(engine, adapter.make_noise([seed, seed + 1]), STEPS, guidance, **conditions(adapter, labels))
+        out = adapter.generate(engine, adapter.make_noise([seed, seed + 1]), STEPS, guidance,
+                               **conditions(adapter, labels))
     return out, engine
 
 

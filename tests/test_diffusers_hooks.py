@@ -80,7 +80,8 @@ def _fastercache_run(adapter, cfg, steps, **knobs):
                 for k, attn in enumerate(attention)]
     try:
         with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, adapter.make_noise([0]), steps, cfg.sampler.guidance_scale, **conditions(adapter, [1]))
+            adapter.generate(engine, adapter.make_noise([0]), steps, cfg.sampler.guidance_scale,
+                             **conditions(adapter, [1]))
     finally:
         for h in handles:
             h.remove()

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from foca_bench import REPO_DIR
-from foca_bench.adapters import ADAPTERS
 from foca_bench.config import validate
 from foca_bench.figures import ten_step_errors, forecast_errors, stiffness, write_figures
 from foca_bench.identity import identity

@@ -28,7 +28,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor
