@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from diffusers.hooks.taylorseer_cache import TaylorSeerCacheConfig, TaylorSeerState, apply_taylorseer_cache
+from omegaconf import OmegaConf
 
 import methods
 from foca_bench.adapters import build_adapter
@@ -105,6 +106,14 @@ def tiny():
     return build_adapter(cfg.model, "cpu")
 
 
+def _per_step(adapter):
+    """The same model computing DiT's conditioning step by step, the path external methods take (0a8affe): our
+    methods and `none` on it are what the diffusers hooks are compared with."""
+    twin = copy.copy(adapter)
+    twin.cfg = OmegaConf.merge(adapter.cfg, {"precompute_conditioning": False})
+    return twin
+
+
 def _generate(adapter, method, steps=12):
     with CacheEngine(method, adapter.sites()) as engine:
         return adapter.generate(engine, adapter.make_noise([0, 1]), steps, 3.0, class_labels=torch.tensor([1, 7]))
@@ -114,7 +123,8 @@ def test_method_diffusers_taylorseer_equals_ours_on_its_schedule_and_resets_betw
     external = methods.build({"name": "diffusers_taylorseer", "N": 3, "O": 1, "warmup": 2})
     first, second = _generate(tiny, external), _generate(tiny, external)
     assert torch.equal(first, second)  # diffusers' state is reset at every generation
-    ours = _generate(tiny, _DiffusersSchedule(TaylorSeerConfig(N=3, O=1, warmup=2, time="step", first_enhance=1)))
+    ours = _generate(_per_step(tiny), _DiffusersSchedule(TaylorSeerConfig(N=3, O=1, warmup=2, time="step",
+                                                                         first_enhance=1)))
     torch.testing.assert_close(first, ours, rtol=1e-5, atol=1e-5)
     assert all("forward" not in m.__dict__ for m in tiny.transformer.modules())  # hooks removed on exit
 
@@ -126,7 +136,7 @@ def test_method_diffusers_fbcache_skips_the_tail_blocks_above_its_threshold():
     runs = []
     hook = adapter.transformer.transformer_blocks[-1].ff.register_forward_hook(lambda *a: runs.append(1))
     try:
-        reference = _generate(adapter, methods.build({"name": "none"}), steps=20)
+        reference = _generate(_per_step(adapter), methods.build({"name": "none"}), steps=20)
         exact = _generate(adapter, methods.build({"name": "diffusers_fbcache", "threshold": 0.0}), steps=20)
         assert torch.equal(exact, reference) and len(runs) == 40
         runs.clear()
