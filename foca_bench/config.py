@@ -340,7 +340,7 @@ def validate(cfg: DictConfig) -> CacheConfig:
     refusal = adapter_cls.refuse(cfg.model, cache) if adapter_cls else None
     if refusal:
         raise ValueError(refusal)
-    if method_cls.adaptive and cfg.model.weights == "meta":
+    if (method_cls.adaptive or method_cls.decides_from_features) and cfg.model.weights == "meta":
         raise ValueError(f"method={cache.name} decides each step from feature values, which the meta device does "
                          "not have: count its FLOPs with model.weights=random (and profile.latency=false) instead "
                          "of profile=flops_only.")

@@ -197,6 +197,7 @@ class CacheMethod(ABC):
     roles: ClassVar[tuple[str, ...]] = ("attn", "mlp", "fused")
     schedule_free: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False  # decides per site and branch with `decide` instead of by `plan`
+    decides_from_features: ClassVar[bool] = False  # a plan from feature values (adaptive FoCa): no meta runs
     tokenwise: ClassVar[bool] = False  # recomputes selected tokens at partial steps (`select`, `update_tokens`)
     # a residual stack (role `blocks`) caches the stack's output, and a forecast step returns it in place of the
     # stack's output (not input + residual); at a computed step the stack's value is the method's after `update`

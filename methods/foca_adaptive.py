@@ -69,6 +69,7 @@ def _basis(w: Weights) -> np.ndarray:
 @register("foca_adaptive")
 class FoCaAdaptive(FoCa):
     config_class = FoCaAdaptiveConfig
+    decides_from_features = True  # its schedule needs feature values: no FLOPs count on the meta device
 
     def reset(self) -> None:
         super().reset()
@@ -92,9 +93,9 @@ class FoCaAdaptive(FoCa):
             return
         keys = sorted(self.pending)  # the same order on every rank
         stacked = torch.stack([self.pending[k] for k in keys]).double()  # (K, 3, 3)
-        if stacked.device.type == "meta":
-            raise ValueError("method=foca_adaptive decides each step from feature values, which the meta device "
-                             "does not have: count its FLOPs with model.weights=random instead of profile=flops_only.")
+        if stacked.device.type == "meta":  # a memory plan's dry run: no values, so no estimate (every step full);
+            self.pending.clear()            # runs on meta weights are refused at validation (`decides_from_features`)
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stacked)  # SUM over ranks: inner products of the whole tensors
         for k, g in zip(keys, stacked.cpu().numpy()):
@@ -104,7 +105,7 @@ class FoCaAdaptive(FoCa):
     def estimate(self, step: Step) -> Optional[float]:
         """e at `step`: the relative norm of (corrected - predicted), pooled over sites; None without an estimate."""
         self._reduce()
-        if not self.state or any(s.d_full is None for s in self.state.values()):
+        if not self.state or any(s.d_full is None or key not in self.grams for key, s in self.state.items()):
             return None
         gap = norm = 0.0
         for key, s in self.state.items():
