@@ -49,7 +49,8 @@ def _rows(value: str, *lengths: int) -> str:
     return "[" + ",".join("[" + ",".join([value] * n) + "]" for n in lengths) + "]"
 
 
-PER_STEPS = {"smoothcache": ("cache.alpha=0.2", f"+cache.errors.attn={_rows('0.1', STEPS - 1, STEPS - 2)}")}
+PER_STEPS = {"smoothcache": ("cache.alpha=0.2", f"++cache.errors.attn={_rows('0.1', STEPS - 1, STEPS - 2)}",
+                             f"++cache.errors.mlp={_rows('0.5', STEPS - 1, STEPS - 2)}")}  # mlp: computes every step
 
 
 def _config(model, method, *extra):
