@@ -15,7 +15,8 @@ import pytest
 
 from foca_bench import REPO_DIR
 from foca_bench.runner import run
-from foca_bench.tables import load_paper_tables, matches, write_tables
+from foca_bench.results import load
+from foca_bench.tables import load_paper_tables, matches, row_run, write_tables
 from tests.conftest import make_cfg
 from tests.random_nets import save_random_inception, save_tiny_clip
 
@@ -136,13 +137,15 @@ def test_every_row_of_each_table_end_to_end_and_no_implemented_row_is_paper_only
     check_records(table, records)
     filled = paper_rows_filled(rendered(table, tmp_path), table)
     paper = load_paper_tables()[MODELS[table]]["rows"]
+    df = load(tmp_path).set_index("run_id", drop=False)
     for row, rec in zip(rows, records):
         if f"{table}/{row}" not in TINY_BLOCKS:
-            (label,) = [p["label"] for p in paper if matches(rec, p["match"])]
+            r = df.loc[rec["run_id"]]
+            (label,) = [p["label"] for p in paper if matches(r, row_run(table, p["row"], MODELS[table]))]
             assert filled[label] == f"`{rec['run_id']}`", label
-    for row in paper:
-        if not (row["match"] and (table, row["match"]["method"]) in NO_TINY_RECORD):
-            assert (filled[row["label"]] == "paper only") == (row["match"] is None), row["label"]
+    for row in paper:  # every paper row names its run (conf/row): none is `paper only` but those without a record
+        if (table, row_run(table, row["row"], MODELS[table])["method"]) not in NO_TINY_RECORD:
+            assert filled[row["label"]] != "paper only", row["label"]
 
 
 @pytest.mark.parametrize("table", sorted(FAST_ROWS))

@@ -87,8 +87,7 @@ def test_a_saved_tiny_flux_loads_with_low_cpu_memory_and_no_accelerate_warning(f
     assert "accelerate" not in said and "low_cpu_mem_usage" not in said, said
     reference = build_adapter(tiny_flux_model_cfg(), "cpu").transformer.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in adapter.transformer.state_dict().items())
-    adapter.prompts = ["a red car"]
-    embeds, pooled = adapter._prompt_embeddings(torch.tensor([0]))  # the pipeline's text encoders run
+    embeds, pooled = adapter._prompt_embeddings(["a red car"])  # the pipeline's text encoders run
     assert embeds.shape == (1, 8, 32) and pooled.shape == (1, 16)
 
 
