@@ -184,13 +184,13 @@ def test_feeder_stand_in_is_used_on_forecast_steps(adapter):
     assert calls.count(tokens) == engine.full_steps and calls.count(1) == STEPS - engine.full_steps
 
 
-def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter):
-    """Tiny model, 2 blocks, one cached per range: steps 0 and 3 full (N=3), boundary at step 5 of 10."""
+def _block_runs(adapter, cache: dict):
+    """The steps at which each of the tiny DiT's two blocks ran its attention, and the engine, for one generation."""
     blocks = adapter.transformer.transformer_blocks
     runs = {0: [], 1: []}
     step = {"i": -1}
     hooks = [blocks[j].attn1.register_forward_hook(lambda *a, j=j: runs[j].append(step["i"])) for j in (0, 1)]
-    method = methods.build({"name": "delta_dit", "N": 3, "warmup": 0, "boundary": 5})
+    method = methods.build(cache)
     original = method.plan
     method.plan = lambda s: (step.__setitem__("i", s.index), original(s))[1]
     try:
@@ -199,6 +199,12 @@ def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter
     finally:
         for h in hooks:
             h.remove()
+    return runs, engine
+
+
+def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter):
+    """Tiny model, 2 blocks, one cached per range: steps 0 and 3 full (N=3), boundary at step 5 of 10."""
+    runs, engine = _block_runs(adapter, {"name": "delta_dit", "N": 3, "warmup": 0, "boundary": 5})
     full = [0, 3, 6, 9]
     assert runs[0] == sorted(set(full) | {1, 2, 4})  # front block runs before the boundary
     assert runs[1] == sorted(set(full) | {5, 7, 8})  # rear block runs from the boundary on
@@ -208,19 +214,7 @@ def test_delta_dit_skips_the_rear_blocks_early_and_the_front_blocks_late(adapter
 def test_delta_dit_pattern_dr_alternates_a_delta_step_and_a_step_that_runs_no_block(adapter):
     """`cache.pattern=DR` (the FLUX code behind the paper's Table 1 Δ-DiT N=3): after each full step a Δ-Cache step
     (the rear block cached, the front one runs), then a step at which no block runs, repeated."""
-    blocks = adapter.transformer.transformer_blocks
-    runs = {0: [], 1: []}
-    step = {"i": -1}
-    hooks = [blocks[j].attn1.register_forward_hook(lambda *a, j=j: runs[j].append(step["i"])) for j in (0, 1)]
-    method = methods.build({"name": "delta_dit", "N": 4, "warmup": 0, "boundary": 99, "pattern": "DR"})
-    original = method.plan
-    method.plan = lambda s: (step.__setitem__("i", s.index), original(s))[1]
-    try:
-        with CacheEngine(method, adapter.sites()) as engine:
-            adapter.generate(engine, adapter.make_noise([0, 1]), STEPS, 3.0, class_labels=torch.tensor([1, 7]))
-    finally:
-        for h in hooks:
-            h.remove()
+    runs, engine = _block_runs(adapter, {"name": "delta_dit", "N": 4, "warmup": 0, "boundary": 99, "pattern": "DR"})
     full = [0, 4, 8]  # cached steps after each: D, R, D
     assert runs[0] == sorted(set(full) | {1, 3, 5, 7, 9})
     assert runs[1] == full
