@@ -3,16 +3,18 @@
 Pure functions: values in, interval out. Two kinds of metric:
 
 - per-sample metrics (ImageReward, CLIP score, SSIM, RelL2, class accuracy, VBench per-video scores) are a
-  statistic of per-sample values: the mean, or for PSNR over a set 10 log10(1 / mean MSE) (`STATISTICS`). Their
-  interval is scipy's `stats.bootstrap` (percentile method) over samples;
-- set metrics (FID, IS) are functions of the whole set's features. Their interval resamples the generated set's
-  cached features (never regenerates images) and recomputes the metric on each resample; the reference set's
-  statistics stay fixed. Resampling with replacement biases FID far upward (duplicates shrink the covariance: on
-  200 toy samples the resampled FIDs centre near 1.5x the estimate), so the interval is the centred percentile
-  one: the quantiles of the resampled values minus their mean, placed at the estimate (the bootstrap's spread,
-  without its bias). In a paired difference the shared part of the bias cancels as well. Cost: one FID
-  (a d x d covariance and matrix square root) per resample: about 1 ms at d = 64 (the toy classifier), about
-  1 s at d = 2048 (Inception), so FID-50k's 1000 resamples take about 20 CPU minutes.
+  statistic of per-sample values: the mean, the mean over the samples that have a value (`nanmean`: VBench's color
+  scores only some videos; a record keeps null for the others), or for PSNR over a set 10 log10(1 / mean MSE)
+  (`STATISTICS`). Their interval is scipy's `stats.bootstrap` (percentile method) over samples;
+- set metrics (FID, IS; VBench's total, quality and semantic scores, weighted means of several dimensions' means,
+  each over its own videos) are functions of the whole set's features or per-sample rows. Their interval resamples
+  the generated set's cached features or rows (never regenerates images) and recomputes the metric on each
+  resample; the reference set's statistics stay fixed. Resampling with replacement biases FID far upward
+  (duplicates shrink the covariance: on 200 toy samples the resampled FIDs centre near 1.5x the estimate), so the
+  interval is the centred percentile one: the quantiles of the resampled values minus their mean, placed at the
+  estimate (the bootstrap's spread, without its bias). In a paired difference the shared part of the bias cancels
+  as well. Cost: one FID (a d x d covariance and matrix square root) per resample: about 1 ms at d = 64 (the toy
+  classifier), about 1 s at d = 2048 (Inception), so FID-50k's 1000 resamples take about 20 CPU minutes.
 
 Paired comparisons: every row of a table is generated from the same seeds (sample i of every row starts from the
 same noise), so row A and the baseline B are compared by resampling sample *indices* once for both and
@@ -33,8 +35,10 @@ from typing import Callable, Optional
 import numpy as np
 from scipy import linalg, stats
 
+from evaluation.vbench_score import GROUPS, group_score
+
 RESAMPLES = 2000  # per-sample metrics
-SET_RESAMPLES = 500  # FID/IS: one metric evaluation per resample
+SET_RESAMPLES = 500  # set metrics (FID/IS, VBench's totals): one metric evaluation per resample
 SEED = 0
 LEVEL = 0.95
 
@@ -44,7 +48,7 @@ def _psnr(mse: np.ndarray, axis: int = -1) -> np.ndarray:
     return 10.0 * np.log10(1.0 / np.maximum(np.mean(mse, axis=axis), 1e-300))
 
 
-STATISTICS: dict[str, Callable[..., np.ndarray]] = {"mean": np.mean, "psnr": _psnr}
+STATISTICS: dict[str, Callable[..., np.ndarray]] = {"mean": np.mean, "nanmean": np.nanmean, "psnr": _psnr}
 
 
 def interval(values, statistic: str = "mean", resamples: int = RESAMPLES, seed: int = SEED,
@@ -82,7 +86,7 @@ def paired(a, b, statistic: str = "mean", resamples: int = RESAMPLES, seed: int 
                          "(same benchmark, seeds and sample count).")
     fn = STATISTICS[statistic]
     diff = float(fn(a) - fn(b))
-    if np.array_equal(a, b):
+    if np.array_equal(a, b, equal_nan=True):
         return {"difference": 0.0, "interval": [0.0, 0.0], "p": 1.0, "distinguishable": False}
     res = stats.bootstrap((a, b), lambda x, y, axis=-1: fn(x, axis=axis) - fn(y, axis=axis), paired=True,
                           n_resamples=resamples, confidence_level=level, method="percentile", vectorized=True,
@@ -143,13 +147,16 @@ def fid_against(mu: np.ndarray, sigma: np.ndarray) -> Callable[[np.ndarray], flo
 
 def set_statistic(statistic: str, arrays: dict) -> tuple[Callable[[np.ndarray], float], np.ndarray]:
     """A stored set metric's function and the per-sample rows it resamples, from its `statistic` (`fid`,
-    `is/<splits>`) and `arrays` (`features`, `real_mu`, `real_sigma`; `logits`)."""
+    `is/<splits>`, a VBench score of `vbench_score.GROUPS`) and `arrays` (`features`, `real_mu`, `real_sigma`;
+    `logits`; `values`: per-video values, one column per dimension)."""
+    if statistic in GROUPS:
+        return group_score(statistic), arrays["values"]
     if statistic == "fid":
         return fid_against(arrays["real_mu"], arrays["real_sigma"]), arrays["features"]
     if statistic.startswith("is/"):
         splits = int(statistic.split("/")[1])
         return (lambda x: inception_score(x, splits)), arrays["logits"]
-    raise ValueError(f"unknown set statistic {statistic!r}: expected `fid` or `is/<splits>`.")
+    raise ValueError(f"unknown set statistic {statistic!r}: expected `fid`, `is/<splits>` or one of {list(GROUPS)}.")
 
 
 def inception_score(logits: np.ndarray, splits: int = 1) -> float:
@@ -168,7 +175,9 @@ def inception_score(logits: np.ndarray, splits: int = 1) -> float:
 
 
 def summary(values, statistic: str = "mean", interval_: Optional[tuple[float, float]] = None) -> dict:
-    """What a record keeps of a per-sample metric: the interval and what recomputes it."""
+    """What a record keeps of a per-sample metric: the interval and what recomputes it (a NaN value, which
+    `nanmean` skips, as null)."""
     lo, hi = interval(values, statistic) if interval_ is None else interval_
-    return {"interval": [lo, hi], "statistic": statistic, "per_sample": [float(v) for v in np.asarray(values)],
+    per_sample = [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64)]
+    return {"interval": [lo, hi], "statistic": statistic, "per_sample": per_sample,
             "bootstrap": {"resamples": RESAMPLES, "seed": SEED, "level": LEVEL, "method": "percentile"}}

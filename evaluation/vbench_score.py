@@ -18,6 +18,17 @@ Total score: VBench's own aggregation (its `scripts/cal_final_score.py` and `scr
 `NORMALIZE`/`DIM_WEIGHT` reproduce): each dimension is min-max normalised and weighted (dynamic degree 0.5), the
 quality score averages the 7 quality dimensions, the semantic score the 9 semantic ones, and the total is
 (4 x quality + 1 x semantic) / 5, in percent as the FoCa paper's Table 2 prints it.
+
+Per-video values: `VBench.evaluate` writes `<name>_eval_results.json`, each dimension mapping to [aggregate, one dict
+per video with `video_path` and `video_results`]. Read from vbench 0.1.5's `vbench/<dimension>.py` (one process,
+as the worker runs it): every dimension's aggregate is the mean of its per-video values over the videos it lists,
+with three qualifications. imaging_quality's per-video value is MUSIQ's 0-100 score, and the aggregate divides the
+mean by 100 (`SCALE`). color lists only the videos in which GRiT found the prompt's object with some colour word
+(it leaves the others out), so its statistic is the mean over the videos that have a value (`nanmean`). The
+frame-weighted ones (subject/background consistency, appearance_style: sum over all frames or frame pairs / their
+count; object_class, multiple_objects, scene, spatial_relationship: over 16 sampled frames per video) equal the mean
+over videos because every video of a run has the same frame count. `foca_bench.benchmarks.vbench` keeps an
+interval only where the statistic of the stored values reproduces VBench's aggregate.
 """
 
 import argparse
@@ -26,7 +37,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import numpy as np
 
 ENV_DIR = Path(__file__).resolve().parent.parent / ".envs" / "vbench"
 
@@ -44,6 +57,11 @@ NORMALIZE = {"subject_consistency": (0.1462, 1.0), "background_consistency": (0.
              "appearance_style": (0.0009, 0.2855), "temporal_style": (0.0, 0.364), "overall_consistency": (0.0, 0.364)}
 DIM_WEIGHT = {d: 0.5 if d == "dynamic_degree" else 1.0 for d in DIMENSIONS}
 QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4, 1
+GROUPS = {"vbench_quality": QUALITY, "vbench_semantic": SEMANTIC, "vbench": DIMENSIONS}  # total_score's names
+# per-video value x SCALE is in the aggregate's units (vbench/imaging_quality.py: mean of MUSIQ's 0-100 / 100)
+SCALE = {"imaging_quality": 0.01}
+# vbench/color.py averages over the videos it lists, those in which the prompt's object was found with a colour
+STATISTIC = {d: "nanmean" if d == "color" else "mean" for d in DIMENSIONS}
 
 # files each dimension loads from the cache folder (vbench.utils.init_submodules with local=True, and the
 # aesthetic head its aesthetic_quality.py reads); a folder ends with '/'
@@ -101,6 +119,20 @@ def total_score(scores: dict[str, float]) -> dict[str, Optional[float]]:
             for name, v in (("vbench_quality", quality), ("vbench_semantic", semantic), ("vbench", total))}
 
 
+def group_score(name: str) -> Callable[[np.ndarray], float]:
+    """VBench's score `name` (a key of `GROUPS`, percent) from per-video values (n, len(GROUPS[name])), one column
+    per dimension in `GROUPS[name]`'s order, NaN where a video has none (its prompt is not tagged with the dimension,
+    or VBench listed no value): `total_score` of each column's mean over its values."""
+    dims = GROUPS[name]
+    return lambda values: total_score(dict(zip(dims, np.nanmean(values, axis=0).tolist())))[name]
+
+
+def per_video(dimension: str, videos: list[dict]) -> dict[str, float]:
+    """{video path: value in the aggregate's units} of one dimension's per-video results as VBench lists them
+    (booleans, e.g. dynamic_degree's "moves", as 0/1)."""
+    return {v["video_path"]: float(v["video_results"]) * SCALE.get(dimension, 1.0) for v in videos}
+
+
 def run_vbench(info: list[dict], dimensions: list[str], work_dir: Path, weights: Path, device: str = "cpu",
                env_dir: Optional[str] = None) -> dict[str, dict]:
     """Evaluates videos on `dimensions` in the VBench environment.
@@ -111,7 +143,8 @@ def run_vbench(info: list[dict], dimensions: list[str], work_dir: Path, weights:
         weights: VBench's cache folder.
 
     Returns:
-        {dimension: {"score": mean, "videos": [{"video_path", "video_results"}, ...]}}.
+        {dimension: {"score": VBench's aggregate, "videos": {video path: value (`per_video`)}}}; a video VBench
+        lists no value for (color's, see the module docstring) is absent.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     info_path, answer = work_dir / "vbench_full_info.json", work_dir / "vbench_scores.json"
@@ -148,7 +181,7 @@ def _worker(argv: list[str]) -> None:
     dims = args.dimensions.split(",")
     bench.evaluate(videos_path=None, name="foca_bench", dimension_list=dims, local=True)
     raw = json.loads((out_dir / "foca_bench_eval_results.json").read_text())
-    result = {d: {"score": float(raw[d][0]), "videos": raw[d][1]} for d in dims}
+    result = {d: {"score": float(raw[d][0]), "videos": per_video(d, raw[d][1])} for d in dims}
     tmp = Path(args.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, args.out)

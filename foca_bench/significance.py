@@ -1,11 +1,11 @@
 """Intervals and paired comparisons from records, for tables and figures (numerics: `evaluation/uncertainty.py`).
 
 A record's metric holds its bootstrap `interval` and what recomputes it: `per_sample` values and their
-`statistic` (per-sample metrics), or, for FID/IS, `arrays` (the generated set's features or logits) that
-`externalize` moves out of the JSON into `<run_id>.arrays.npz` beside the record. `compare` runs the paired
-bootstrap of a row against the full-compute baseline of its table (same benchmark, seeds and sample count), and
-`cell` writes `value ± half-width`, marked `≈` where the difference is not distinguishable from 0 at the 95%
-level. docs/statistics.md explains the method.
+`statistic` (per-sample metrics), or, for FID/IS and VBench's total scores, `arrays` (the generated set's features
+or logits; the videos' per-dimension scores) that `externalize` moves out of the JSON into `<run_id>.arrays.npz`
+beside the record. `compare` runs the paired bootstrap of a row against the full-compute baseline of its table
+(same benchmark, seeds and sample count), and `cell` writes `value ± half-width`, marked `≈` where the difference
+is not distinguishable from 0 at the 95% level. docs/statistics.md explains the method.
 """
 
 from pathlib import Path
@@ -17,8 +17,9 @@ from evaluation.uncertainty import LEVEL, RESAMPLES, SEED, SET_RESAMPLES, paired
 from foca_bench.records import atomic_write
 
 SAME = " ≈"  # the cell's mark: not distinguishable from the baseline
-NOTE = (f"± half-width of the {LEVEL:.0%} bootstrap interval over samples ({RESAMPLES} resamples; FID/IS: "
-        f"{SET_RESAMPLES} resamples of the generated set's features; seed {SEED}).{SAME.strip()}: the paired "
+NOTE = (f"± half-width of the {LEVEL:.0%} bootstrap interval over samples ({RESAMPLES} resamples; FID/IS and "
+        f"VBench's total scores: {SET_RESAMPLES} resamples of the generated set's features or per-video scores; "
+        f"seed {SEED}).{SAME.strip()}: the paired "
         "bootstrap difference to {baseline} on the same seeds has a 95% interval containing 0, i.e. the row is "
         "not distinguishable from it (docs/statistics.md).")
 

@@ -1,7 +1,9 @@
 """benchmark=vbench end to end: a tiny random HunyuanVideo writes the videos VBench expects, and the real vbench
 package (in `.envs/vbench`) scores them on temporal flickering (no network) and background consistency (a random
-CLIP saved in OpenAI's file format and opened by VBench's own `clip.load`); per-frame noise lowers both. Plus the
-video store, the total-score formula against a hand computation, and the preflight errors."""
+CLIP saved in OpenAI's file format and opened by VBench's own `clip.load`); per-frame noise lowers both. The
+records keep each video's score in sample order (temporal flickering recomputed from the frames) with bootstrap
+intervals, and two runs on the same seeds compare paired. Plus the video store, the total-score formula against a
+hand computation, the total's interval over videos, and the preflight errors."""
 
 import json
 import subprocess
@@ -10,9 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.vbench_score import DIMENSIONS, NORMALIZE, env_python, package_file, run_vbench, total_score
+from evaluation.uncertainty import interval, paired
+from evaluation.vbench_score import (DIMENSIONS, NORMALIZE, QUALITY, SEMANTIC, env_python, package_file, per_video,
+                                     run_vbench, total_score)
 from foca_bench.benchmarks import MissingFileError
+from foca_bench.benchmarks.vbench import summarize
+from foca_bench.records import record_files
 from foca_bench.runner import run
+from foca_bench.significance import compare, externalize
 from foca_bench.samples import Sample, VideoStore, prompt_stems, read_mp4, write_mp4
 from tests.conftest import REPORTED, TINY_FLUX, TINY_HUNYUAN, make_cfg
 
@@ -42,26 +49,56 @@ def _overrides(files, tmp_path, *more, model=TINY_HUNYUAN):
             "cache.N=2", "profile.latency=false", f"results_dir={tmp_path}", *more)
 
 
+def _flickering(path: Path) -> float:
+    """VBench's temporal flickering of one video, from its frames: 1 - mean |frame t+1 - frame t| / 255."""
+    frames = read_mp4(path).astype(np.float64)  # (F, H, W, 3)
+    return float((255.0 - np.abs(np.diff(frames, axis=0)).mean()) / 255.0)
+
+
 @needs_env
-def test_vbench_end_to_end_and_noise_lowers_both_dimensions(vbench_files, tmp_path):
-    record = run(make_cfg(*_overrides(vbench_files, tmp_path)))
+def test_vbench_end_to_end_per_video_scores_pair_up_and_noise_lowers_both(vbench_files, tmp_path):
+    run(make_cfg(*_overrides(vbench_files, tmp_path)))
+    run(make_cfg(*_overrides(vbench_files, tmp_path, "method=none")))  # the baseline, on the same seeds
+    rows = {r["method"]: (p, r) for p in record_files(tmp_path) for r in [json.loads(p.read_text())]}
+    record = rows["foca"][1]
     m = record["metrics"]
     assert record["samples"]["count"] == 8 and record["samples"]["npz"] is None  # 4 prompts x 2 videos
     for d in DIMS:
         assert np.isfinite(m[d]["value"]) and 0 < m[d]["value"] <= 1, (d, m[d])
-    assert m["vbench"]["value"] is None  # the total needs all 16 dimensions
-    videos = sorted(p.name for p in (tmp_path / "samples").rglob("*.mp4"))
+    assert m["vbench"]["value"] is None and "interval" not in m["vbench"]  # the total needs all 16 dimensions
+    folder = Path(record["samples"]["folder"]) / "videos"
+    videos = sorted(p.name for p in folder.glob("*.mp4"))
     assert videos[0].endswith("-0.mp4") and "In a still frame, a stop sign-1.mp4" in videos
 
+    # each dimension's per-video values: its prompts' videos in sample order, their mean VBench's score
+    info = json.loads((vbench_files / "prompts.json").read_text())
+    prompts = list(dict.fromkeys(e["prompt_en"] for e in info))
+    tagged = {d: [f"{p}-{k}.mp4" for p in prompts for k in range(2)
+                  if any(d in e["dimension"] for e in info if e["prompt_en"] == p)] for d in DIMS}
+    for d in DIMS:
+        x = m[d]["per_sample"]
+        assert len(x) == len(tagged[d]) == 4 and m[d]["statistic"] == "mean"
+        assert np.mean(x) == pytest.approx(m[d]["value"], rel=1e-12, abs=1e-15)
+        assert tuple(m[d]["interval"]) == interval(x) and m[d]["interval"][0] <= m[d]["value"] <= m[d]["interval"][1]
+    flicker = [_flickering(folder / name) for name in tagged["temporal_flickering"]]
+    assert m["temporal_flickering"]["per_sample"] == pytest.approx(flicker, rel=1e-5)
+    for d in DIMS:  # row against the baseline: the paired difference of the same videos' scores
+        verdict = compare(rows["foca"], rows["none"], d)
+        base = rows["none"][1]["metrics"][d]
+        assert verdict["difference"] == pytest.approx(m[d]["value"] - base["value"], abs=1e-12)
+        assert verdict["interval"][0] <= verdict["difference"] <= verdict["interval"][1]
+        REPORTED.setdefault("VBench on tiny random HunyuanVideo: FoCa N=2 minus DDIM, 6 steps, 8 videos, paired "
+                            "95% interval (test_vbench)", {})[d] = (
+            f"{verdict['difference']:+.2e} [{verdict['interval'][0]:+.2e}, {verdict['interval'][1]:+.2e}], "
+            f"p={verdict['p']:.2f}")
+
     # the same videos with independent noise on every frame: more flicker, less frame-to-frame similarity
-    folder = next((tmp_path / "samples").rglob("videos"))
     noisy = tmp_path / "noisy"
     noisy.mkdir()
     rng = np.random.default_rng(0)
-    for path in folder.glob("*.mp4"):
+    for path in sorted(folder.glob("*.mp4")):
         video = read_mp4(path).astype(np.float32)
         write_mp4(noisy / path.name, np.clip(video + rng.normal(0, 40, video.shape), 0, 255).astype(np.uint8), 24)
-    info = json.loads((vbench_files / "prompts.json").read_text())
     for entry in info:
         entry["video_list"] = [str(noisy / f"{entry['prompt_en']}-{k}.mp4") for k in range(2)]
     perturbed = run_vbench(info, DIMS, tmp_path / "work", vbench_files / "weights")
@@ -69,6 +106,10 @@ def test_vbench_end_to_end_and_noise_lowers_both_dimensions(vbench_files, tmp_pa
         assert perturbed[d]["score"] < m[d]["value"], (d, perturbed[d]["score"], m[d]["value"])
         REPORTED.setdefault("VBench on tiny random HunyuanVideo videos: clean -> per-frame noise (test_vbench)", {})[
             d] = f"{m[d]['value']:.4f} -> {perturbed[d]['score']:.4f}"
+    noisy_flicker = [perturbed["temporal_flickering"]["videos"][str(noisy / name)]
+                     for name in tagged["temporal_flickering"]]
+    verdict = paired(noisy_flicker, m["temporal_flickering"]["per_sample"])
+    assert verdict["distinguishable"] and verdict["interval"][1] < 0
 
 
 @needs_env
@@ -166,6 +207,69 @@ def test_total_score_is_vbenchs_weighted_normalised_mean():
     assert scores["vbench_semantic"] == pytest.approx(100 * s)
     assert scores["vbench"] == pytest.approx(100 * (4 * q + s) / 5)
     assert total_score({d: 0.5 for d in DIMENSIONS[:7]})["vbench"] is None
+
+
+def test_per_video_values_are_in_their_aggregates_units():
+    """Per-video lists as vbench 0.1.5 writes them: imaging_quality's MUSIQ score is 0-100 and its aggregate divides
+    the videos' mean by 100 (vbench/imaging_quality.py, technical_quality); human_action's value is a bool and its
+    aggregate correct / videos (vbench/human_action.py)."""
+    musiq = [{"video_path": f"v{i}.mp4", "video_results": s} for i, s in enumerate([52.5, 61.0, 38.25])]
+    aggregate = sum(v["video_results"] for v in musiq) / len(musiq) / 100.0
+    assert np.mean(list(per_video("imaging_quality", musiq).values())) == pytest.approx(aggregate, rel=1e-12)
+    flags = [{"video_path": "a", "video_results": True, "cor_num_per_video": 1},
+             {"video_path": "b", "video_results": False, "cor_num_per_video": 0}]
+    assert per_video("human_action", flags) == {"a": 1.0, "b": 0.0}
+
+
+def _vbench_record(values: np.ndarray, tagged: np.ndarray, path: Path) -> tuple[Path, dict]:
+    """A record of per-video values (n, 16) in DIMENSIONS' order, each dimension's score the mean over the videos
+    VBench lists for it (NaN: not listed), with its arrays beside it as the runner writes them."""
+    scores = {d: float(np.nanmean(values[:, j])) for j, d in enumerate(DIMENSIONS)}
+    record = {"benchmark": "vbench", "samples": {"count": len(values), "seeds": [0, len(values) - 1]},
+              "metrics": summarize(scores, values, tagged, list(DIMENSIONS))}
+    externalize(record, path)
+    return path, record
+
+
+def test_totals_get_an_interval_over_videos_and_compare_paired(tmp_path):
+    """Each dimension scores its own prompts' videos, so no video has a total: the total's interval resamples the
+    videos (rows of every dimension's values at once) and recomputes VBench's weighted combination. Its half-width
+    halves when the same videos count 4 times (a bootstrap over videos), and a row shifted down on every video is
+    told apart from its baseline while an identical one is not."""
+    rng = np.random.default_rng(0)
+    n, color = 60, DIMENSIONS.index("color")
+    tagged = rng.random((n, 16)) < 0.4
+    tagged[:8] = True
+    values = np.where(tagged, rng.uniform(0.2, 0.9, (n, 16)), np.nan)
+    values[tagged[:, color] & (rng.random(n) < 0.3), color] = np.nan  # color lists only videos with its object
+    _, record = _vbench_record(values, tagged, tmp_path / "base.json")
+    m = record["metrics"]
+    for j, d in enumerate(DIMENSIONS):  # its tagged videos in sample order, null where VBench lists none
+        assert m[d]["per_sample"] == [None if np.isnan(v) else v for v in values[tagged[:, j], j]]
+    assert m["color"]["statistic"] == "nanmean" and None in m["color"]["per_sample"]
+    for name, width in (("vbench", 16), ("vbench_quality", len(QUALITY)), ("vbench_semantic", len(SEMANTIC))):
+        lo, hi = m[name]["interval"]
+        assert lo < m[name]["value"] < hi and m[name]["statistic"] == name and m[name]["arrays"] == "base.arrays.npz"
+    wide = m["vbench"]["interval"][1] - m["vbench"]["interval"][0]
+    _, fourfold = _vbench_record(np.tile(values, (4, 1)), np.tile(tagged, (4, 1)), tmp_path / "fourfold.json")
+    narrow = fourfold["metrics"]["vbench"]["interval"][1] - fourfold["metrics"]["vbench"]["interval"][0]
+    assert fourfold["metrics"]["vbench"]["value"] == pytest.approx(m["vbench"]["value"], rel=1e-12)
+    assert narrow / wide == pytest.approx(0.5, rel=0.2)
+
+    base = (tmp_path / "base.json", record)
+    same = _vbench_record(values.copy(), tagged, tmp_path / "same.json")
+    lower = _vbench_record(values - 0.02, tagged, tmp_path / "lower.json")
+    assert not compare(same, base, "vbench")["distinguishable"]
+    verdict = compare(lower, base, "vbench")
+    assert verdict["distinguishable"] and verdict["difference"] < 0
+    assert verdict["difference"] == pytest.approx(lower[1]["metrics"]["vbench"]["value"] - m["vbench"]["value"])
+    assert compare(lower, base, "color")["distinguishable"]  # nanmean, paired over the same videos
+
+    # a score the per-video values do not give: no interval for it, nor for the groups it is part of
+    scores = {d: float(np.nanmean(values[:, j])) for j, d in enumerate(DIMENSIONS)}
+    off = summarize({**scores, "scene": scores["scene"] + 0.01}, values, tagged, list(DIMENSIONS))
+    assert [k for k in ("scene", "vbench", "vbench_semantic", "vbench_quality") if "interval" in off[k]] == [
+        "vbench_quality"]
 
 
 @needs_env

@@ -7,27 +7,34 @@ Sample i is video `i % videos_per_prompt` of prompt `i // videos_per_prompt`, se
 is no safe file name (a custom list's `../x`, 300 characters), a renamed stem (`samples.prompt_stems`); the folder's
 `prompts.json` maps every file to its prompt, and the evaluator hands VBench each prompt's files. The evaluator runs in
 its own environment (`evaluation/vbench_score.py`); the record keeps each dimension's raw score and VBench's
-quality, semantic and total scores (percent) when every dimension of a group was evaluated.
+quality, semantic and total scores (percent) when every dimension of a group was evaluated, each with its bootstrap
+interval over videos and what recomputes it (`summarize`; docs/statistics.md).
 """
 
 import json
+import logging
+import math
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
 
 from evaluation import metric
-from evaluation.vbench_score import DIMENSIONS, WEIGHTS, cache_dir, env_python, package_file, run_vbench, total_score
+from evaluation.uncertainty import STATISTICS, set_interval, summary
+from evaluation.vbench_score import (DIMENSIONS, GROUPS, STATISTIC, WEIGHTS, cache_dir, env_python, group_score,
+                                     package_file, run_vbench, total_score)
 from foca_bench.benchmarks import (LOCAL, Benchmark, FileBenchmarkConfig, MissingFileError, register_benchmark,
                                    require_file)
 from foca_bench.errors import CorruptFileError
 from foca_bench.identity import input_item
 from foca_bench.samples import Sample, SampleStore, VideoStore, write_mp4
+
+log = logging.getLogger("foca_bench")
 
 
 def check_readable(height: int, width: int, env_dir: Any = None) -> None:
@@ -165,16 +172,58 @@ class VBench(Benchmark):
         return torch.cat(rows).permute(0, 3, 1, 2) / 255, 8
 
     def score(self, store: VideoStore, reference: Optional[SampleStore], device: str) -> dict:
+        paths = [str(store.path(s).resolve()) for s in store.samples]
         videos: dict[str, list[str]] = {}
-        for s in store.samples:
-            videos.setdefault(s.prompt, []).append(str(store.path(s).resolve()))
+        for s, path in zip(store.samples, paths):
+            videos.setdefault(s.prompt, []).append(path)
         info = [{**e, "video_list": videos[e["prompt_en"]]} for e in self.entries if e["prompt_en"] in videos]
         dims = [d for d in self.cfg.dimensions if any(d in e["dimension"] for e in info)]
         work = store.root / "vbench"
         results = run_vbench(info, dims, work, self.weights, device, self.cfg.vbench_env)
         shutil.rmtree(work, ignore_errors=True)
-        scores = {d: results[d]["score"] for d in dims}
-        out = {d: metric(v, higher_is_better=True) for d, v in scores.items()}
-        for name, value in total_score(scores).items():
-            out[name] = metric(value, higher_is_better=True)
-        return out
+        tags: dict[str, set] = {}
+        for e in info:
+            tags.setdefault(e["prompt_en"], set()).update(e["dimension"])
+        tagged = np.array([[d in tags[s.prompt] for d in dims] for s in store.samples])
+        values = np.array([[results[d]["videos"].get(path, np.nan) for d in dims] for path in paths])
+        return summarize({d: results[d]["score"] for d in dims}, values, tagged, dims)
+
+
+def _interval(estimate: float, score: float, what: str, make: Callable[[], dict]) -> dict:
+    """`make()` (a metric's interval and what recomputes it) when `estimate`, its statistic of the stored values,
+    is VBench's `score` and the interval is finite (a resample may draw none of color's counted videos); else {}."""
+    if not math.isclose(estimate, score, rel_tol=1e-9, abs_tol=1e-12):
+        log.warning(f"VBench's {what} = {score} is not the statistic of its per-video values ({estimate}): the "
+                    "record keeps no interval for it.")
+        return {}
+    extra = make()
+    return extra if all(math.isfinite(x) for x in extra["interval"]) else {}
+
+
+def summarize(scores: dict[str, float], values: np.ndarray, tagged: np.ndarray, dims: list[str]) -> dict:
+    """The record's metrics: each dimension's VBench score, with `per_sample` (its videos' values, in sample order,
+    so two rows on the same seeds pair up), `statistic` and bootstrap `interval`; VBench's quality, semantic and
+    total scores (percent) where every dimension of the group was scored, with an interval over the videos' rows
+    (a set metric: each resample recomputes every dimension's mean over its own drawn videos, then the weighted
+    combination) and their `values` under `arrays`. An interval is kept only where its statistic of the stored
+    values reproduces VBench's own score (it does for every dimension: `evaluation/vbench_score.py`).
+
+    Args:
+        scores: {dimension: VBench's aggregate}.
+        values: (n, len(dims)) per-video values, rows in sample order; NaN where VBench lists none for the video.
+        tagged: (n, len(dims)) whether the sample's prompt is tagged with the dimension (VBench scores it there).
+    """
+    out = {}
+    for j, d in enumerate(dims):
+        v = values[tagged[:, j], j]  # (videos of d,)
+        stat = STATISTIC[d]
+        out[d] = metric(scores[d], higher_is_better=True,
+                        **_interval(float(STATISTICS[stat](v)), scores[d], d, lambda: summary(v, stat)))
+    for name, value in total_score(scores).items():
+        extra = {}
+        if value is not None:
+            rows, fn = values[:, [dims.index(d) for d in GROUPS[name]]], group_score(name)  # (n, group's dims)
+            extra = _interval(fn(rows), value, name, lambda: {"interval": list(set_interval(rows, fn)),
+                                                               "statistic": name, "arrays": {"values": rows}})
+        out[name] = metric(value, higher_is_better=True, **extra)
+    return out
