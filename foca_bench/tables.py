@@ -145,8 +145,10 @@ def _full_steps(r: pd.Series) -> str:
     return f"{'—' if missing(full) else int(full)}/{steps}"
 
 
-def _cells(r: Optional[pd.Series], keys: list[str], cols: dict, paper: Optional[dict] = None) -> list[str]:
-    """Our formatted value of each column key (with the paper's beside it where `paper` has the column)."""
+def _cells(r: Optional[pd.Series], keys: list[str], cols: dict, paper: Optional[dict] = None,
+           stats: Optional[tuple] = None) -> list[str]:
+    """Our formatted value of each column key (with the paper's beside it where `paper` has the column); with
+    `stats` = (the row's (path, record), the baseline's or None), quality cells carry ± and ≈ (`significance`)."""
     v, bad = (values(r), faulted(r)) if r is not None else ({}, set())
     m, noted = mark(r), _latency_note_of(r)
     cells = []
@@ -155,6 +157,8 @@ def _cells(r: Optional[pd.Series], keys: list[str], cols: dict, paper: Optional[
         ours = FAULT if k in bad else _fmt(v.get(k), digits, suffix)
         if k in LATENCY and v.get(k) is not None and k not in bad:  # statistical marks, then `LATENCY_MARK`
             ours += m + (LATENCY_MARK if noted else "")
+        if k not in COLUMNS and stats is not None and r is not None and k not in bad:
+            ours = significance.cells(*stats, [k], [ours], [digits])[0]
         if paper is not None and k in paper["columns"]:
             paper_value = paper["values"].get(k)
             cells += [ours + _difference(v.get(k), paper_value, relative=k in COLUMNS),
@@ -162,6 +166,16 @@ def _cells(r: Optional[pd.Series], keys: list[str], cols: dict, paper: Optional[
         else:
             cells.append(ours)
     return cells
+
+
+def _stats(rows: pd.DataFrame) -> tuple[dict, Optional[tuple], list[str]]:
+    """Each row's (path, record) by record path, the full-compute baseline among the latest record of each row
+    name, and the statistics note (when any metric carries an interval)."""
+    records = {r["record"]: (Path(r["record"]), read(Path(r["record"]))) for _, r in rows.iterrows()}
+    latest = [records[path] for path in _latest_by_label(rows)["record"]]
+    base = significance.baseline(latest)  # each quality cell: ± and ≈ against full compute
+    intervals = any("interval" in m for _, rec in records.values() for m in rec.get("metrics", {}).values())
+    return records, base, [significance.NOTE.format(baseline=label(base[1]))] if base and intervals else []
 
 
 def build_table(group: pd.DataFrame, title: str = "") -> Table:
@@ -176,15 +190,11 @@ def build_table(group: pd.DataFrame, title: str = "") -> Table:
         return (r["method"] != "none" or r["config.sampler.steps"] != 50, -(0.0 if missing(flops) else flops),
                 r["label"])
 
+    records, base, notes = _stats(rows)
     out = []
-    records = {r["record"]: (Path(r["record"]), read(Path(r["record"]))) for _, r in rows.iterrows()}
-    base = significance.baseline(list(records.values()))  # each quality cell: ± and ≈ against full compute
     for _, r in sorted(rows.iterrows(), key=lambda item: order(item[1])):
-        cells = _cells(r, keys, cols)
-        cells[4:] = significance.cells(records[r["record"]], base, keys[4:], cells[4:], [cols[k][1] for k in keys[4:]])
+        cells = _cells(r, keys, cols, stats=(records[r["record"]], base))
         out.append([r["label"], *cells[:4], _full_steps(r), *cells[4:], f"`{r['run_id']}`"])
-    notes = [significance.NOTE.format(baseline=label(base[1]))] if base and any(
-        "interval" in m for _, rec in records.values() for m in rec.get("metrics", {}).values()) else []
     return Table(title, pd.DataFrame(out, columns=header), _marks_notes(rows) + notes)
 
 
@@ -251,6 +261,7 @@ def build_paper_table(paper: dict, group: pd.DataFrame, title: str = "") -> Tabl
     def tail(r: Optional[pd.Series]) -> list[str]:
         return [_full_steps(r), f"`{r['run_id']}`"] if r is not None else ["—", "paper only"]
 
+    records, base, stats_note = _stats(group)
     used: set[int] = set()
     out = []
     for prow in paper["rows"]:
@@ -258,17 +269,18 @@ def build_paper_table(paper: dict, group: pd.DataFrame, title: str = "") -> Tabl
         found = group[[matches(r, run) for _, r in group.iterrows()]] if run else group.iloc[:0]
         r = found.sort_values("mtime", kind="stable").iloc[-1] if len(found) else None
         used.update(found.index)
-        out.append([prow["label"], *_cells(r, keys, cols, {"columns": paper["columns"], "values": prow["paper"]}),
-                    *tail(r)])
+        stats = (records[r["record"]], base) if r is not None else None
+        out.append([prow["label"], *_cells(r, keys, cols, {"columns": paper["columns"], "values": prow["paper"]},
+                                           stats), *tail(r)])
     for name, r in _latest_by_label(group.drop(index=list(used))).iterrows():
-        out.append([f"{name} (ours only)", *_cells(r, keys, cols, {"columns": paper["columns"], "values": {}}),
-                    *tail(r)])
+        out.append([f"{name} (ours only)", *_cells(r, keys, cols, {"columns": paper["columns"], "values": {}},
+                                                   (records[r["record"]], base)), *tail(r)])
     notes = [f"Paper columns: {paper['source']} ({paper['title']}), from `{paper['path'].relative_to(REPO_DIR)}`; "
              "the paper's own numbers, not produced by foca-bench. Our cells show (ours - paper) in brackets: "
              "relative for cost columns, absolute for quality."]
     if paper.get("note"):
         notes.append(paper["note"])
-    notes += _marks_notes(group)
+    notes += _marks_notes(group) + stats_note
     return Table(title, pd.DataFrame(out, columns=header), notes)
 
 

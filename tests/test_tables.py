@@ -4,6 +4,7 @@ checked against closed forms."""
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -156,6 +157,39 @@ def test_a_faulted_value_is_marked_and_an_unreadable_record_is_named_and_skipped
     assert rows["FoCa (N=5)"][fid] == FAULT and rows["FoCa (N=5)"][is_].startswith("200.000")
     assert rows["DDIM-50 steps"][fid].startswith("2.300")
     assert FAULT in (tmp_path / "tables" / "flops_dit_xl_2.md").read_text()
+
+
+def test_paper_table_quality_cells_carry_their_interval_and_the_paired_verdict(tmp_path):
+    """FLUX (Table 1): our ImageReward beside the paper's reads `value ± half-width`, with ≈ where the paired
+    bootstrap cannot tell the row from the 50-step row on the same seeds (evaluation/uncertainty.py)."""
+    from evaluation.uncertainty import summary
+    from foca_bench.significance import SAME
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(1.0, 0.3, 40)  # per-prompt scores the rows share (same seeds)
+
+    def metrics(values):
+        return {"image_reward": {"value": float(np.mean(values)), **summary(values), "higher_is_better": True}}
+
+    def record(name, *overrides, values):
+        path, rec = _record(tmp_path, *overrides, model="flux", name=name, metrics=metrics(values))
+        rec["samples"].update(count=40, seeds=[0, 39])
+        atomic_write_json(path, rec)
+        return path, rec
+
+    record("flux50", "method=none", values=shared)
+    record("foca5", "method=foca", "cache.N=5", values=shared + rng.normal(0, 1e-3, 40))
+    record("foca7", "method=foca", "cache.N=7", values=shared - 0.3)
+    table = build_paper_table(PAPER["flux"], load(tmp_path), "t")
+    rows, header = _rows(table), list(table.frame.columns)
+    col = header.index("ImageReward ↑ (ours)")
+    half = (summary(shared)["interval"][1] - summary(shared)["interval"][0]) / 2
+    assert rows["FLUX.1[dev]: 50 steps"][col].startswith(f"{shared.mean():.4f} ± {half:.4f} (Δ")
+    assert SAME not in rows["FLUX.1[dev]: 50 steps"][col]  # the baseline is not compared with itself
+    assert f"{SAME} (Δ" in rows["FoCa (N=5)"][col]
+    assert " ± " in rows["FoCa (N=7)"][col] and SAME not in rows["FoCa (N=7)"][col]
+    assert rows["FoCa (N=8)"][col] == "—"
+    assert any("paired bootstrap" in note for note in table.notes)
 
 
 # -- figure analyses: closed forms ---------------------------------------------------------------------------------
