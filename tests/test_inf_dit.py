@@ -253,6 +253,8 @@ def test_refusals_name_the_fix():
         validate(make_cfg(*TINY, "method=l2c"))
     with pytest.raises(ValueError, match="model.mode=strips with method=teacache"):
         validate(make_cfg(*TINY, "method=teacache", "model.mode=strips"))
+    with pytest.raises(ValueError, match="model.mode=strips with method=foca_adaptive: each strip would decide"):
+        validate(make_cfg(*TINY, "method=foca_adaptive", "model.mode=strips"))
 
 
 # -- the memory plan -------------------------------------------------------------------------------------------

@@ -92,9 +92,10 @@ class InfDiTAdapter(Adapter):
             return ("cache.time=sigma: Inf-DiT's Heun sampler evaluates the model twice at each intermediate sigma "
                     "(step i's corrector and step i+1's predictor), so differences over sigma would divide by zero. "
                     "Keep cache.time=step: the step axis is the model evaluation.")
-        if model_cfg.get("mode") == "strips" and (method.adaptive or method.tokenwise):
-            return (f"model.mode=strips with method={cache.name}: each strip would decide or select tokens by itself, "
-                    "so a strip could miss the keys of the row above it; use model.mode=whole (or auto).")
+        if model_cfg.get("mode") == "strips" and (method.adaptive or method.tokenwise or method.decides_from_features):
+            return (f"model.mode=strips with method={cache.name}: each strip would decide its full steps or select "
+                    "tokens by itself, so a strip could miss the keys of the row above it; use model.mode=whole (or "
+                    "auto).")
         if model_cfg.get("offload") and method.tokenwise:
             return f"model.offload=true with the token-wise method={cache.name} is not supported; use offload=false."
         return None
