@@ -37,7 +37,7 @@ import torch
 import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import compose, validate
-from foca_bench.fused import build_engine
+from foca_bench.fused import allow_many_methods, build_engine
 from foca_bench.profiling import (SPREAD, count_flops, latency_mark, measure_interleaved, spread,
                                   tune_cpu_allocator)
 from foca_bench.records import atomic_write, atomic_write_json, environment
@@ -59,18 +59,19 @@ class Model:
     key: str
     overrides: tuple[str, ...]
     batch: int
-    probe_steps: int  # steps of a method's probe run: `probe_n` interval, warmup `probe_warmup`
+    probe_steps: int  # steps of a method's probe run: `probe_n` interval, warmup `probe_warmup` (2+ full steps)
     probe_n: int
     probe_warmup: int
-    none_steps: int  # steps of `none`'s probe run (all full)
+    none_steps: int  # steps of `none`'s probe run (all full; 2+)
     end_to_end: bool
     rounds: Optional[int] = None  # timing rounds at least (default `--repeats`)
 
 
 MODELS = {
     "toy_dit": Model("toy_dit", ("model=toy_dit",), 16, 12, 2, 1, 12, True),
-    # each probe: one full step then three skipped ones (a full step is seconds on a CPU); two rounds at least
-    "dit_xl_2": Model("dit_xl_2", ("model=dit_xl_2", "model.weights=random"), 2, 4, 99, 0, 1, False, 2),
+    # each probe: full, skipped, ... 8 steps (a full step is seconds on a CPU): TaylorSeer O=2 holds its three
+    # factors from the third full step on; two rounds at least
+    "dit_xl_2": Model("dit_xl_2", ("model=dit_xl_2", "model.weights=random"), 2, 8, 2, 0, 2, False, 2),
     "flux_tiny": Model("flux_tiny", ("model=flux", "model.size=tiny"), 2, 12, 2, 1, 12, True),
 }
 
@@ -109,34 +110,45 @@ class Bench:
         self.device = torch.device(args.device)
 
     def generate(self, cache: dict, steps: int, backend: Optional[str], on: Any = None,
-                 times: Optional[list] = None) -> None:
-        """One generation; with `times`, each step's model call is appended as (full, seconds), full by the
-        method's schedule (diffusers' hooks skip behind our engine's back)."""
+                 times: Optional[list] = None) -> methods.CacheMethod:
+        """One generation; returns the method (its state as the generation left it). With `times`, each step's
+        model call is appended as (full, seconds, bytes the method held before it), full by the method's schedule
+        (diffusers' hooks skip behind our engine's back)."""
         adapter = on or self.adapter
         n = self.model.batch
-        engine = build_engine(methods.build(cache), adapter.sites(), backend, self.args.mode)
+        method = methods.build(cache)
+        engine = build_engine(method, adapter.sites(), backend, self.args.mode)
         if times is not None:
-            engine.step = _timed(engine.step, times, self.device, lambda i: is_full(cache, i, steps))
+            engine.step = _timed(engine.step, times, self.device, lambda i: is_full(cache, i, steps),
+                                 method.cache_bytes)
         with engine:
             noise = self.noise if on is None else adapter.make_noise(list(range(n)))
             conditions = self.conditions if on is None else adapter.example_conditions(n)
             adapter.generate(engine, noise, steps, self.guidance, **conditions)
+        return method
 
     # -- FLOPs -----------------------------------------------------------------------------------------------
     def flops(self, rows: list[str]) -> dict:
         full = count_flops(lambda: self.generate({"name": "none"}, 2, None, self.meta)) / 2
         skip = {}
         for name in rows:
-            if name in OURS:  # step 0 full, step 1 skipped
-                both = count_flops(lambda: self.generate(cache_cfg(name, 99, 0, self.args.order), 2, None, self.meta))
-                skip[name] = both - full
+            if name in OURS:  # 3 steps at interval 99: at least one skipped (FORA's countdown computes the last)
+                cache = cache_cfg(name, 99, 0, self.args.order)
+                total = count_flops(lambda: self.generate(cache, 3, None, self.meta))
+                n_full = full_steps(cache, 3)
+                skip[name] = (total - n_full * full) / (3 - n_full)
         skip.update({p: skip.get("taylorseer", 0.0) for p in rows if p in PEERS})  # the same uncached work
         return {"full": full, "skipped": skip}
 
     # -- per-step times ----------------------------------------------------------------------------------------
     def step_times(self, rows: list[str], backend: Optional[str]) -> dict[str, dict]:
-        """Per method, the median model-call time of its full and skipped steps in each probe run."""
+        """Per method, the median model-call time of its full and skipped steps in each probe run, in the steady
+        state: steps before which the method holds its whole state (its most bytes in the run; a TaylorSeer
+        skipped step after two full steps reads 2 factors, not O+1). A run's first full step apart (`first`: it
+        also allocates the method's state, once per generation). `floor`: the time to read once every tensor the
+        method holds at the end of a probe (what any skipped step of it must at least stream from memory)."""
         m = self.model
+        held: dict[str, list[torch.Tensor]] = {}
 
         def probe(name: str) -> Callable[[], list]:
             def run() -> list:
@@ -145,7 +157,8 @@ class Bench:
                     self.generate({"name": "none"}, m.none_steps, backend, times=times)
                 else:
                     cache = cache_cfg(name, m.probe_n, m.probe_warmup, self.args.order)
-                    self.generate(cache, m.probe_steps, backend if name in OURS else None, times=times)
+                    method = self.generate(cache, m.probe_steps, backend if name in OURS else None, times=times)
+                    held[name] = method.held_tensors()
                 return times
 
             return run
@@ -153,7 +166,7 @@ class Bench:
         runs = {name: probe(name) for name in ["none", *rows]}
         for run in runs.values():  # warm-up (compilation) and a first look
             run()
-        samples: dict[str, dict[str, list[float]]] = {name: {"full": [], "skipped": []} for name in runs}
+        samples: dict[str, dict[str, list[float]]] = {name: {"first": [], "full": [], "skipped": []} for name in runs}
         started, rounds = time.perf_counter(), m.rounds or self.args.repeats
         while True:
             done = min(len(s["full"] or s["skipped"]) for s in samples.values())
@@ -162,10 +175,16 @@ class Bench:
                 break
             for name, run in runs.items():  # one round: every method once
                 times = run()
+                first = next(i for i, (f, _, _) in enumerate(times) if f)
+                samples[name]["first"].append(times[first][1])
+                steady = max(h for _, _, h in times)
                 for kind, full in (("full", True), ("skipped", False)):
-                    mine = [s for f, s in times if f == full]
+                    mine = [s for i, (f, s, h) in enumerate(times) if f == full and i != first and h == steady]
                     if mine:
                         samples[name][kind].append(statistics.median(mine))
+        for name, tensors in held.items():
+            samples[name]["floor"] = [read_time(tensors, self.device) for _ in range(5)] if tensors else []
+        held.clear()
         return samples
 
     # -- whole generations ------------------------------------------------------------------------------------
@@ -179,12 +198,13 @@ class Bench:
                                    time_cap_s=self.args.time_cap)
 
 
-def _timed(step: Callable[..., Any], times: list, device: torch.device,
-           full: Callable[[int], bool]) -> Callable[..., Any]:
-    """`engine.step`, timing the model call inside it as (`full(index)`, seconds)."""
+def _timed(step: Callable[..., Any], times: list, device: torch.device, full: Callable[[int], bool],
+           held: Callable[[], int]) -> Callable[..., Any]:
+    """`engine.step`, timing the model call inside it as (`full(index)`, seconds, `held()` before it)."""
 
     @contextmanager
     def timed(index: int, t: float, total: Optional[int] = None) -> Iterator[Any]:
+        before = held()
         with step(index, t, total) as plan:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -192,23 +212,39 @@ def _timed(step: Callable[..., Any], times: list, device: torch.device,
             yield plan
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append((full(index), time.perf_counter() - start))
+            times.append((full(index), time.perf_counter() - start, before))
 
     return timed
 
 
-def speedup(full_s: float, method_full_s: float, skip_s: float, n_full: int) -> float:
-    """STEPS steps of `none` over `n_full` full and STEPS - n_full skipped steps of a method."""
-    return STEPS * full_s / (n_full * method_full_s + (STEPS - n_full) * skip_s)
+def read_time(tensors: list[torch.Tensor], device: torch.device) -> float:
+    """Seconds to read every tensor once (a sum each: memory-bound, one pass over the data)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for t in tensors:
+        t.sum()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def speedup(full_s: float, method_full_s: float, skip_s: float, n_full: int, first_s: Optional[float] = None,
+            none_first_s: Optional[float] = None) -> float:
+    """STEPS steps of `none` (its first taking `none_first_s`, default `full_s`) over a method's `n_full` full steps
+    (its first taking `first_s`, default `method_full_s`) and STEPS - n_full skipped ones."""
+    first_s = method_full_s if first_s is None else first_s
+    none_first_s = full_s if none_first_s is None else none_first_s
+    return (none_first_s + (STEPS - 1) * full_s) / (first_s + (n_full - 1) * method_full_s + (STEPS - n_full) * skip_s)
 
 
 def rows_of(bench: Bench, mode: str, rows: list[str], flops: dict, steps: dict, e2e: Optional[dict]) -> list[dict]:
     """The table rows of one (model, mode): `none` first, then each method at N."""
     N, order = bench.args.N, bench.args.order
     med = {name: {k: statistics.median(v) if v else None for k, v in s.items()} for name, s in steps.items()}
-    full_s = med["none"]["full"]
+    full_s, none_first = med["none"]["full"], med["none"]["first"]
     out = [{"model": bench.model.key, "mode": mode, "method": "none", "full_ms": 1e3 * full_s,
-            "full_spread": spread(steps["none"]["full"])}]
+            "first_ms": 1e3 * none_first, "full_spread": spread(steps["none"]["full"])}]
     for name in rows:
         cache = cache_cfg(name, N, bench.warmup, order)
         n_full = full_steps(cache, STEPS)
@@ -216,10 +252,15 @@ def rows_of(bench: Bench, mode: str, rows: list[str], flops: dict, steps: dict, 
         flops_up = STEPS * flops["full"] / (n_full * flops["full"] + (STEPS - n_full) * skip_f)
         row = {"model": bench.model.key, "mode": mode if name in OURS else "eager", "method": name,
                "schedule": f"N={N}" + (f", O={order}" if "taylorseer" in name else ""), "full_steps": n_full,
-               "full_ms": 1e3 * (med[name]["full"] or full_s), "skip_ms": 1e3 * skip_s,
+               "full_ms": 1e3 * (med[name]["full"] or full_s), "first_ms": 1e3 * med[name]["first"],
+               "skip_ms": 1e3 * skip_s,
                "skip_spread": spread(steps[name]["skipped"]), "skip_time": skip_s / full_s,
                "skip_flops": skip_f / flops["full"], "flops_speedup": flops_up,
-               "projected": speedup(full_s, med[name]["full"] or full_s, skip_s, n_full)}
+               "projected": speedup(full_s, med[name]["full"] or full_s, skip_s, n_full, med[name]["first"],
+                                    none_first)}
+        floor_s = med[name].get("floor")
+        if floor_s is not None:  # full steps at `none`'s cost, skipped steps that only read the held tensors
+            row.update(floor_ms=1e3 * floor_s, bound=speedup(full_s, full_s, floor_s, n_full) / flops_up)
         if e2e is not None:
             mine, base = e2e[name]["samples_s"], e2e["none"]["samples_s"]
             row.update(measured=e2e["none"]["median_s"] / e2e[name]["median_s"], measured_samples=mine,
@@ -233,24 +274,33 @@ def _f(value: Optional[float], fmt: str) -> str:
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
-    head = ["Model", "Method", "Schedule", "Mode", "Full step ms", "Skipped step ms (spread)", "Skip/full time",
-            "Skip/full FLOPs", "FLOPs speed-up", "Latency projected (ratio)", "Latency measured (ratio)"]
+    head = ["Model", "Method", "Schedule", "Mode", "Full step ms (first)", "Skipped step ms (spread)", "Skip/full time",
+            "Skip/full FLOPs", "Read floor ms (bound)", "FLOPs speed-up", "Latency projected (ratio)",
+            "Latency measured (ratio)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["method"] == "none":
-            cells = [r["model"], "none", "—", r["mode"], f"{r['full_ms']:.1f} ({100 * r['full_spread']:.0f}%)"]
-            lines.append("| " + " | ".join(cells + ["—"] * 6) + " |")
+            cells = [r["model"], "none", "—", r["mode"],
+                     f"{r['full_ms']:.1f} ({r['first_ms']:.1f}); spread {100 * r['full_spread']:.0f}%"]
+            lines.append("| " + " | ".join(cells + ["—"] * 7) + " |")
             continue
         ratio = lambda x: f"{x:.2f}x ({x / r['flops_speedup']:.2f})"  # noqa: E731
         measured = ratio(r["measured"]) + r["mark"] if "measured" in r else "—"
-        cells = [r["model"], NAMES[r["method"]], r["schedule"], r["mode"], f"{r['full_ms']:.1f}",
+        cells = [r["model"], NAMES[r["method"]], r["schedule"], r["mode"], f"{r['full_ms']:.1f} ({r['first_ms']:.1f})",
                  f"{r['skip_ms']:.2f} ({100 * r['skip_spread']:.0f}%)", f"{100 * r['skip_time']:.1f}%",
-                 f"{100 * r['skip_flops']:.2f}%", f"{r['flops_speedup']:.2f}x", ratio(r["projected"]), measured]
+                 f"{100 * r['skip_flops']:.2f}%",
+                 f"{r['floor_ms']:.2f} ({r['bound']:.2f})" if "floor_ms" in r else "—",
+                 f"{r['flops_speedup']:.2f}x", ratio(r["projected"]), measured]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         f"Speed-up columns: {STEPS} steps at the schedule shown, against `none` in the same mode (peers, eager: "
         "against eager `none`). Projected: from the step times (model calls only); measured: whole generations "
         "interleaved with `none`, medians. (ratio) = latency speed-up / FLOPs speed-up.",
+        "Read floor: the time to read once every tensor the method holds (a sum each), the least a skipped step "
+        "streams from memory; (bound) = the latency/FLOPs ratio of a method whose full steps cost `none`'s and whose "
+        "skipped steps only read its held tensors. "
+        "Full step: a probe run's full steps after its first (first: the first full step of a run, which also "
+        "allocates the method's state; the projection counts it once per generation). "
         f"Step times: medians over probe runs interleaved round by round; spread = interquartile range / median of "
         f"the runs' medians. Marks: † samples spread more than {SPREAD:.0%}; § the paired speed-ups' lower quartile "
         "exceeds the FLOPs speed-up (an artefact). DiT-XL/2 runs random weights (timing does not depend on their "
@@ -271,7 +321,8 @@ def targets(rows: list[dict], N: int) -> list[str]:
     for (model, method, mode), r in by.items():
         if method == "foca":
             up, how = speed(r)
-            lines.append(f"FoCa N={N} on {model}, {mode}: latency/FLOPs {up / r['flops_speedup']:.2f} ({how})")
+            bound = f"; bound by its held tensors' read time {r['bound']:.2f}" if "bound" in r else ""
+            lines.append(f"FoCa N={N} on {model}, {mode}: latency/FLOPs {up / r['flops_speedup']:.2f} ({how}){bound}")
     for (model, method, mode), r in by.items():
         peer = by.get((model, "diffusers_taylorseer", "eager"))
         if method == "taylorseer" and peer is not None:
@@ -295,6 +346,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args()
     malloc = tune_cpu_allocator() if args.device == "cpu" else None
+    allow_many_methods()  # every method's graphs on one model in this process
     started, load = time.perf_counter(), os.getloadavg()
     print(f"<bench> {torch.get_num_threads()} threads, load average {load[0]:.1f}, malloc {malloc or 'default'}")
     rows, record = [], {"args": {k: str(v) for k, v in vars(args).items()}, "environment": environment(),

@@ -37,6 +37,16 @@ SITE_ROLES = ("attn", "mlp", "fused")  # the sites a compiled step forecasts ins
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+def allow_many_methods(graphs_per_method: int = 4, methods: int = 16) -> None:
+    """For a process that compiles several methods on one model (`make bench`, `make gpu-check`): every method
+    adds its own full- and skipped-step graphs to the model forward's compile cache, whose default limit (8 per
+    code object) four methods reach, after which dynamo silently runs the forward eagerly and a "compiled" figure
+    would be an eager one. Raises the limit to fit `methods` methods and makes hitting it an error."""
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, graphs_per_method * methods)
+    cfg.fail_on_recompile_limit_hit = True
+
+
 def uses_cuda_graphs(mode: Optional[str]) -> bool:
     return mode in ("reduce-overhead", "max-autotune")
 

@@ -295,15 +295,15 @@ class CacheMethod(ABC):
         record; empty for methods that read none."""
         return {}
 
-    def cache_bytes(self) -> int:
-        """Bytes of the tensors the method's state holds now (each storage counted once): its feature cache."""
-        seen: dict[object, int] = {}
+    def held_tensors(self) -> list[Tensor]:
+        """The tensors the method's state holds now, one per storage: its feature cache."""
+        seen: dict[object, Tensor] = {}
 
         def visit(obj: object) -> None:
             if isinstance(obj, Tensor):
                 storage = obj.untyped_storage()
                 key = (obj.device, storage.data_ptr()) if storage.data_ptr() else id(storage)
-                seen[key] = storage.nbytes()
+                seen[key] = obj
             elif isinstance(obj, dict):
                 for value in obj.values():
                     visit(value)
@@ -317,7 +317,11 @@ class CacheMethod(ABC):
         for name, value in vars(self).items():
             if name != "cfg":
                 visit(value)
-        return sum(seen.values())
+        return list(seen.values())
+
+    def cache_bytes(self) -> int:
+        """Bytes of the tensors the method's state holds now (each storage counted once): its feature cache."""
+        return sum(t.untyped_storage().nbytes() for t in self.held_tensors())
 
     def wants_attention(self, step: Step) -> bool:
         """Token-wise methods: whether a full `step` should also record each block's attention map (for

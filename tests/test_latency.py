@@ -88,3 +88,44 @@ def test_tables_mark_the_latency_cells_and_say_what_the_marks_mean(tmp_path):
     assert rows["FORA"][speedup].endswith(NOISY) and not rows["FORA"][speedup].endswith(BEYOND_FLOPS)
     assert rows["TaylorSeer"][speedup].endswith("×")
     assert any(NOISY in note and BEYOND_FLOPS in note for note in table.notes)
+
+
+def test_bench_counts_every_method_s_skipped_step_from_a_schedule_with_skipped_steps():
+    """`make bench`'s FLOPs per skipped step: the uncached work (patch embedding, final layer; ~1% of a full step
+    on toy_dit), the same for every forecasting method. FORA's official countdown computes the last step, so a
+    2-step probe had no skipped step and reported a skipped step as a full one (FLOPs speed-up 1.00x)."""
+    import argparse
+
+    from foca_bench.bench_latency import MODELS, Bench, full_steps, cache_cfg
+
+    assert full_steps(cache_cfg("fora", 99, 0, 2), 3) == 2  # i = 0 and i = T - 1: one skipped step of 3
+    bench = Bench(MODELS["toy_dit"], argparse.Namespace(device="cpu", order=2, mode=None))
+    flops = bench.flops(["fora", "taylorseer", "foca"])
+    share = {name: skipped / flops["full"] for name, skipped in flops["skipped"].items()}
+    assert 0 < share["foca"] < 0.05 and share["fora"] == pytest.approx(share["foca"]) == share["taylorseer"]
+
+
+def test_bench_rows_project_from_steady_steps_and_bound_by_the_held_tensors_read():
+    """`make bench`'s arithmetic on synthetic step times: the projection counts each run's first full step once
+    and every other step at its steady time; the bound is a method whose full steps cost `none`'s and whose
+    skipped steps only read its held tensors; the target lines read those figures off the rows."""
+    import argparse
+
+    from foca_bench import bench_latency as bl
+
+    bench = argparse.Namespace(model=bl.MODELS["toy_dit"], warmup=1, args=argparse.Namespace(N=5, order=2))
+    flops = {"full": 100.0, "skipped": {"foca": 1.0}}
+    steps = {"none": {"first": [0.012], "full": [0.010, 0.010, 0.011]},
+             "foca": {"first": [0.020], "full": [0.011], "skipped": [0.001], "floor": [0.0002, 0.0002, 0.0003]}}
+    none, foca = bl.rows_of(bench, "eager", ["foca"], flops, steps, None)
+    n_full = bl.full_steps(bl.cache_cfg("foca", 5, 1, 2), bl.STEPS)
+    assert n_full == 11 and none["full_ms"] == pytest.approx(10.0) and none["first_ms"] == pytest.approx(12.0)
+    flops_up = 50 * 100.0 / (11 * 100.0 + 39 * 1.0)
+    assert foca["flops_speedup"] == pytest.approx(flops_up)
+    assert foca["projected"] == pytest.approx((0.012 + 49 * 0.010) / (0.020 + 10 * 0.011 + 39 * 0.001))
+    assert foca["bound"] == pytest.approx(50 * 0.010 / (11 * 0.010 + 39 * 0.0002) / flops_up)
+    text = bl.table([none, foca], bench.args)
+    assert "| toy_dit | FoCa | N=5 | eager | 11.0 (20.0) | 1.00 (0%) |" in text
+    (line,) = bl.targets([none, foca], 5)
+    assert line == (f"FoCa N=5 on toy_dit, eager: latency/FLOPs {foca['projected'] / flops_up:.2f} (projected); "
+                    f"bound by its held tensors' read time {foca['bound']:.2f}")
