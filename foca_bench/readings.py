@@ -121,6 +121,7 @@ def closed_loop(overrides: list[str], samples: int) -> dict[str, dict[str, dict]
         metrics, path = record["metrics"], record_path(results, "toy_fid", record["model"], method, record["run_id"])
         out[row][f"w{warmup}/N{N}"] = {
             "rel_l2": metrics["rel_l2"]["value"], "psnr": metrics["psnr"]["value"],
+            "rel_l2_interval": metrics["rel_l2"].get("interval"), "psnr_interval": metrics["psnr"].get("interval"),
             "full_steps": record["samples"]["full_steps"], "reused": path in existing, "record": str(path)}
     return out
 
@@ -135,8 +136,11 @@ def verdict(errors: dict[str, dict[str, float]], warmup: int) -> dict[str, dict]
     return out
 
 
-def _cell(x: Optional[float], fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
+def _cell(x: Optional[float], fmt: str, interval: Optional[list] = None) -> str:
+    """`x` in `fmt`, with ± the half-width of its 95% bootstrap interval where the record has one."""
+    if x is None:
+        return "—"
+    return format(x, fmt) + ("" if not interval else f" ± {format((interval[1] - interval[0]) / 2, fmt)}")
 
 
 def markdown(result: dict) -> str:
@@ -144,9 +148,9 @@ def markdown(result: dict) -> str:
     head = "| Method | " + " | ".join(f"warmup={c[1]}, N={c.split('N')[1]}" for c in cols) + " |\n"
     head += "|---|" + "---|" * len(cols) + "\n"
 
-    def table(get, fmt) -> str:
-        return head + "".join(f"| {row} | " + " | ".join(_cell(get(row, c), fmt) for c in cols) + " |\n"
-                              for row in ROWS)
+    def table(get, fmt, interval=lambda r, c: None) -> str:
+        return head + "".join(f"| {row} | " + " | ".join(_cell(get(row, c), fmt, interval(row, c)) for c in cols)
+                              + " |\n" for row in ROWS)
 
     closed = result["closed_loop"]
     reused = sum(cell["reused"] for cells in closed.values() for cell in cells.values())
@@ -160,9 +164,11 @@ def markdown(result: dict) -> str:
         "## Open loop: mean relative L2 forecast error (skipped steps, samples, sites)\n",
         table(lambda r, c: result["open_loop"][r][c], ".4f"),
         "## Closed loop: image relative L2 to full compute\n",
-        table(lambda r, c: closed[r][c]["rel_l2"], ".4f"),
+        table(lambda r, c: closed[r][c]["rel_l2"], ".4f", lambda r, c: closed[r][c].get("rel_l2_interval")),
         "## Closed loop: image PSNR to full compute (dB)\n",
-        table(lambda r, c: closed[r][c]["psnr"], ".2f"),
+        table(lambda r, c: closed[r][c]["psnr"], ".2f", lambda r, c: closed[r][c].get("psnr_interval")),
+        "Closed loop ±: half-width of the 95% bootstrap interval over samples (docs/statistics.md), where the "
+        "record has one (records from before issue 19 have none).\n",
         f"## Verdict: reading / better TaylorSeer at N = 3 / 5 / 7 (✓: at most {WIN} at N = 5 and 7, falling with "
         "N)\n",
     ]

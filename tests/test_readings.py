@@ -78,5 +78,11 @@ def test_make_readings_end_to_end_on_a_tiny_model(tmp_path):
         assert set(result["open_loop"][row]) == set(result["closed_loop"][row]) == {
             f"w{w}/N{N}" for w in readings.WARMUPS for N in readings.NS}
         for cell in result["closed_loop"][row].values():
-            assert cell["rel_l2"] > 0 and json.loads(open(cell["record"]).read())["samples"]["count"] == 10
-    assert all(row in (out / "readings.md").read_text() for row in readings.ROWS)
+            record = json.loads(open(cell["record"]).read())
+            assert cell["rel_l2"] > 0 and record["samples"]["count"] == 10
+            assert cell["rel_l2_interval"] == record["metrics"]["rel_l2"]["interval"]
+    text = (out / "readings.md").read_text()
+    assert all(row in text for row in readings.ROWS)
+    cell = result["closed_loop"]["FORA"]["w1/N3"]
+    lo, hi = cell["rel_l2_interval"]
+    assert lo <= cell["rel_l2"] <= hi and f"{cell['rel_l2']:.4f} ± {(hi - lo) / 2:.4f}" in text
