@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from evaluation import metric
-from evaluation.uncertainty import fid_against, inception_score, set_interval, summary
+from evaluation.uncertainty import inception_score, set_summary, summary
 from foca_bench.digit_classifier import DigitClassifier, FeatureView
 
 
@@ -44,14 +44,11 @@ def digit_metrics(fake: Tensor, labels: Tensor, real: Tensor, classifier: DigitC
     real_features = torch.cat([classifier.features(c.float()) for c in real.split(batch_size)]).double().numpy()
     fake_features, fake_logits = torch.cat(features).double().numpy(), torch.cat(logits).double().numpy()
     real_mu, real_sigma = real_features.mean(0), np.cov(real_features, rowvar=False)
-    fid_of = fid_against(real_mu, real_sigma)
-    is_of = lambda x: inception_score(x, splits)  # noqa: E731
+    fid_arrays = {"features": fake_features.astype(np.float32), "real_mu": real_mu, "real_sigma": real_sigma}
     correct = torch.cat(correct).double().numpy()
     return {
-        "fid": metric(fid.compute(), higher_is_better=False, interval=list(set_interval(fake_features, fid_of)),
-                      statistic="fid", arrays={"features": fake_features.astype(np.float32), "real_mu": real_mu,
-                                               "real_sigma": real_sigma}),
-        "is": metric(is_of(fake_logits), higher_is_better=True, interval=list(set_interval(fake_logits, is_of)),
-                     statistic=f"is/{splits}", arrays={"logits": fake_logits.astype(np.float32)}),
+        "fid": metric(fid.compute(), higher_is_better=False, **set_summary("fid", fid_arrays)),
+        "is": metric(inception_score(fake_logits, splits), higher_is_better=True,
+                     **set_summary(f"is/{splits}", {"logits": fake_logits.astype(np.float32)})),
         "class_acc": metric(correct.mean(), higher_is_better=True, **summary(correct)),
     }

@@ -2,10 +2,11 @@
 
 A record's metric holds its bootstrap `interval` and what recomputes it: `per_sample` values and their
 `statistic` (per-sample metrics), or, for FID/IS and VBench's total scores, `arrays` (the generated set's features
-or logits; the videos' per-dimension scores) that `externalize` moves out of the JSON into `<run_id>.arrays.npz`
-beside the record. `compare` runs the paired bootstrap of a row against the full-compute baseline of its table
-(same benchmark, seeds and sample count), and `cell` writes `value ± half-width`, marked `≈` where the difference
-is not distinguishable from 0 at the 95% level. docs/statistics.md explains the method.
+or logits and the reference statistics FID is measured against; the videos' per-dimension scores) that
+`externalize` moves out of the JSON into `<run_id>.arrays.npz` beside the record. `compare` runs the paired
+bootstrap of a row against the full-compute baseline of its table (same benchmark, seeds and sample count, and for
+FID the same reference statistics), and `cell` writes `value ± half-width`, marked `≈` where the difference is not
+distinguishable from 0 at the 95% level. docs/statistics.md explains the method.
 """
 
 from pathlib import Path
@@ -22,6 +23,7 @@ NOTE = (f"± half-width of the {LEVEL:.0%} bootstrap interval over samples ({RES
         f"seed {SEED}).{SAME.strip()}: the paired "
         "bootstrap difference to {baseline} on the same seeds has a 95% interval containing 0, i.e. the row is "
         "not distinguishable from it (docs/statistics.md).")
+REFERENCE = ("real_mu", "real_sigma")  # a set metric's fixed reference statistics, shared by rows that compare
 
 
 def arrays_path(record_path: Path) -> Path:
@@ -75,8 +77,10 @@ def compare(row: tuple[Path, dict], base: tuple[Path, dict], name: str) -> Optio
         return paired(m["per_sample"], mb["per_sample"], m["statistic"])
     ar, ab = load_arrays(rp, name), load_arrays(bp, name)
     if m.get("arrays") and ar is not None and ab is not None:
+        if any(not np.array_equal(ar[k], ab.get(k)) for k in REFERENCE if k in ar):
+            return None  # FIDs against different reference statistics: not a paired comparison
         fn, x = set_statistic(m["statistic"], ar)
-        return set_paired(x, set_statistic(mb["statistic"], ab)[1], fn)
+        return set_paired(x, set_statistic(mb["statistic"], ab)[1], fn, progress=f"<{name}> paired bootstrap")
     return None
 
 

@@ -4,8 +4,8 @@ forms, and records' intervals recomputed from what they store (evaluation/uncert
 import numpy as np
 import pytest
 
-from evaluation.uncertainty import (frechet_distance, inception_score, interval, paired, set_interval, set_paired,
-                                    summary)
+from evaluation.uncertainty import (FrechetToReference, frechet_distance, inception_score, interval, paired,
+                                    set_interval, set_paired, set_statistic, summary)
 from foca_bench.significance import SAME, cell, compare, externalize, load_arrays
 
 
@@ -59,6 +59,42 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
     assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("n", [12, 300])  # fewer samples than dimensions (the n x n Gram) and more (d x d)
+def test_fid_of_features_matches_torch_fidelitys_statistics_and_metric(n):
+    """FrechetToReference (eigenvalues of the Gram of x R, R the real covariance's root) against torch-fidelity's own
+    `fid_features_to_statistics` and `fid_statistics_to_metric` (eigenvalues of S1 S2), rank-deficient sides
+    included."""
+    import torch
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    rng = np.random.default_rng(5)
+    real = rng.gamma(0.5, 1.0, (40, 64)) @ rng.normal(size=(64, 64)) * 0.1  # 40 < 64 rows: a singular real sigma
+    fake = rng.gamma(0.6, 1.0, (n, 64)) @ rng.normal(size=(64, 64)) * 0.1
+    stats = [fid_features_to_statistics(torch.from_numpy(x)) for x in (fake, real)]
+    expected = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+    fid = FrechetToReference(stats[1]["mu"], stats[1]["sigma"])
+    assert fid(fid.rows(fake)) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance(stats[0]["mu"], stats[0]["sigma"], stats[1]["mu"], stats[1]["sigma"]) == pytest.approx(
+        expected, rel=1e-7)
+
+
+def test_torch_fidelity_is_statistic_is_torch_fidelitys_and_closed_forms():
+    import torch
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = np.random.default_rng(6).normal(0, 3, (50, 20))  # 50 / 4: uneven chunks
+    expected = isc_features_to_metric(torch.from_numpy(logits), splits=4)["inception_score_mean"]
+    fn, rows = set_statistic("torch_fidelity_is/4", {"logits": logits})
+    assert fn(rows) == pytest.approx(expected, rel=1e-12)
+    confident = np.eye(10)[np.arange(200) % 10] * 50.0  # certain, classes balanced: IS = 10
+    fn, rows = set_statistic("torch_fidelity_is/1", {"logits": confident})
+    assert fn(rows) == pytest.approx(10.0, rel=1e-6)
+    fn, rows = set_statistic("torch_fidelity_is/4", {"logits": np.zeros((50, 10))})
+    assert fn(rows) == pytest.approx(1.0)  # uniform predictions: IS = 1
+    with pytest.raises(ValueError, match="torch_fidelity_is/<splits>"):
+        set_statistic("torch_fidelity_is", {"logits": confident})
+
+
 def test_inception_score_closed_forms():
     confident = np.eye(10)[np.arange(200) % 10] * 50.0  # certain, classes balanced: IS = 10
     assert inception_score(confident) == pytest.approx(10.0, rel=1e-6)
@@ -104,5 +140,8 @@ def test_records_keep_what_recomputes_their_intervals_and_compare_paired(tmp_pat
     assert compare(rows["far"], rows["base"], "fid")["distinguishable"]  # from the features beside the records
     assert cell("0.900", near["metrics"]["ssim"], 3, compare(rows["near"], rows["base"], "ssim")).endswith(SAME)
     assert " ± " in cell("0.500", far["metrics"]["ssim"], 3, None)
+    elsewhere = _record(0.5 + shared, {"features": rng.normal(size=(60, 4)), **stats, "real_mu": stats["real_mu"] + 1})
+    externalize(elsewhere, tmp_path / "elsewhere.json")
+    assert compare((tmp_path / "elsewhere.json", elsewhere), rows["base"], "fid") is None  # another reference set
     other = dict(far, samples={"count": 60, "seeds": [100, 159]})  # other seeds: no paired comparison
     assert compare((rows["far"][0], other), rows["base"], "ssim") is None
