@@ -1,5 +1,6 @@
 """benchmark=imagenet_fid end to end on a tiny random DiT, with torch-fidelity's Inception at random weights saved
-in its real format: scores, a perturbation that must worsen FID, sharding, kill-and-resume, missing files."""
+in its real format: scores equal to torch-fidelity's, their intervals recomputed from the arrays beside the record,
+paired comparisons of two rows, a perturbation that must worsen FID, sharding, kill-and-resume, missing files."""
 
 import hashlib
 import json
@@ -13,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.inception_fid import fid_is
+from evaluation.inception_fid import Uint8Images, fid_is
+from evaluation.uncertainty import set_interval, set_statistic
 from foca_bench import REPO_DIR
 from foca_bench.benchmarks import MissingFileError
 from foca_bench.runner import prepare, run
+from foca_bench.significance import compare, load_arrays
 from tests.conftest import TINY, make_cfg
 from tests.random_nets import save_random_inception
 
@@ -51,6 +54,53 @@ def test_fid_is_end_to_end_and_noise_worsens_fid(files, tmp_path):
     noisy = np.clip(samples + noise, 0, 255).astype(np.uint8)
     worse = fid_is(noisy, np.repeat(samples, 3, axis=-1), inception, isc_splits=2, verbose=False)["fid"]["value"]
     assert abs(same) < 1e-3 and worse > 1.0  # sqrtm of a rank-deficient covariance: ~1e-5, not exactly 0
+
+
+def test_fid_is_are_torch_fidelitys_and_recompute_from_the_kept_arrays(files):
+    """One Inception pass gives torch-fidelity's own FID/IS (its `calculate_metrics` as the independent value), and
+    the kept features/logits recompute both, and their intervals, exactly as `significance.compare` will."""
+    import torch_fidelity
+
+    rng = np.random.default_rng(2)
+    samples = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    with np.load(files["reference"]) as f:
+        reference = f["arr_0"]
+    out = fid_is(samples, reference, files["inception"], isc_splits=4, verbose=False)  # 6 / 4: uneven splits
+    tf = torch_fidelity.calculate_metrics(
+        input1=Uint8Images(samples), input2=Uint8Images(reference), fid=True, isc=True, isc_splits=4, cuda=False,
+        feature_extractor_weights_path=str(files["inception"]), cache=False, verbose=False, save_cpu_ram=True)
+    assert out["fid"]["value"] == pytest.approx(tf["frechet_inception_distance"], rel=1e-6)
+    assert out["is"]["value"] == pytest.approx(tf["inception_score_mean"], rel=1e-9)
+    assert out["is_std"]["value"] == pytest.approx(tf["inception_score_std"], rel=1e-9)
+    fid, is_ = out["fid"], out["is"]
+    assert fid["arrays"]["features"].shape == (6, 2048) and fid["arrays"]["real_sigma"].shape == (2048, 2048)
+    assert is_["arrays"]["logits"].shape == (6, 1008) and is_["statistic"] == "torch_fidelity_is/4"
+    for m, reported in ((fid, tf["frechet_inception_distance"]), (is_, tf["inception_score_mean"])):
+        fn, rows = set_statistic(m["statistic"], m["arrays"])
+        estimate = fn(rows)  # ours, from the kept arrays
+        assert estimate == pytest.approx(reported, abs=1e-3, rel=1e-6)
+        assert set_interval(rows, fn) == tuple(m["interval"])
+        assert m["interval"][0] <= estimate <= m["interval"][1]
+
+
+def test_two_rows_compare_paired_from_their_records(files, tmp_path):
+    """Two tiny runs on the same seeds: `significance.compare` recomputes each row's FID/IS from the arrays file beside
+    its record and the difference is the records' difference; a row against itself is indistinguishable."""
+    rows = {}
+    for method in (("method=none",), ("method=fora", "cache.N=2")):
+        path = prepare(make_cfg(*fid_overrides(files, tmp_path, *method))).record
+        record = run(make_cfg(*fid_overrides(files, tmp_path, *method)))
+        rows[record["method"]] = (path, record)
+        assert record["metrics"]["fid"]["arrays"] == path.with_suffix(".arrays.npz").name
+        assert load_arrays(path, "fid")["features"].shape == (10, 2048)
+    (_, none), (_, fora) = rows["none"], rows["fora"]
+    for name in ("fid", "is"):
+        verdict = compare(rows["fora"], rows["none"], name)
+        difference = fora["metrics"][name]["value"] - none["metrics"][name]["value"]
+        assert verdict["difference"] == pytest.approx(difference, abs=1e-3, rel=1e-6)
+        assert verdict["interval"][0] <= verdict["difference"] <= verdict["interval"][1]
+        assert compare(rows["none"], rows["none"], name) == {"difference": 0.0, "interval": [0.0, 0.0], "p": 1.0,
+                                                               "distinguishable": False}
 
 
 def test_one_shard_or_two_give_the_same_samples_and_metrics(files, tmp_path):
