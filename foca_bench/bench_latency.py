@@ -38,7 +38,7 @@ import methods
 from foca_bench.adapters import build_adapter
 from foca_bench.config import compose, validate
 from foca_bench.fused import allow_many_methods, build_engine
-from foca_bench.profiling import (SPREAD, count_flops, latency_mark, measure_interleaved, spread,
+from foca_bench.profiling import (BEYOND_FLOPS, SPREAD, count_flops, latency_mark, measure_interleaved, spread,
                                   tune_cpu_allocator)
 from foca_bench.records import atomic_write, atomic_write_json, environment
 
@@ -273,6 +273,11 @@ def _f(value: Optional[float], fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def projected_mark(row: dict) -> str:
+    """§ on a projected speed-up above the FLOPs one: step times of different probe runs disagree (noise)."""
+    return BEYOND_FLOPS if row["projected"] > row["flops_speedup"] else ""
+
+
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     head = ["Model", "Method", "Schedule", "Mode", "Full step ms (first)", "Skipped step ms (spread)", "Skip/full time",
             "Skip/full FLOPs", "Read floor ms (bound)", "FLOPs speed-up", "Latency projected (ratio)",
@@ -290,7 +295,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                  f"{r['skip_ms']:.2f} ({100 * r['skip_spread']:.0f}%)", f"{100 * r['skip_time']:.1f}%",
                  f"{100 * r['skip_flops']:.2f}%",
                  f"{r['floor_ms']:.2f} ({r['bound']:.2f})" if "floor_ms" in r else "—",
-                 f"{r['flops_speedup']:.2f}x", ratio(r["projected"]), measured]
+                 f"{r['flops_speedup']:.2f}x", ratio(r["projected"]) + projected_mark(r), measured]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         f"Speed-up columns: {STEPS} steps at the schedule shown, against `none` in the same mode (peers, eager: "
@@ -303,7 +308,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "allocates the method's state; the projection counts it once per generation). "
         f"Step times: medians over probe runs interleaved round by round; spread = interquartile range / median of "
         f"the runs' medians. Marks: † samples spread more than {SPREAD:.0%}; § the paired speed-ups' lower quartile "
-        "exceeds the FLOPs speed-up (an artefact). DiT-XL/2 runs random weights (timing does not depend on their "
+        "exceeds the FLOPs speed-up (an artefact; on a projection: it exceeds the FLOPs speed-up, i.e. the full-step "
+        "times of different probe runs disagree by more than the work skipped). DiT-XL/2 runs random weights (timing does not depend on their "
         "values); its whole generations are not timed on a CPU (minutes each): its ratio is projected.",
     ]
     return "\n".join(lines + [""] + notes) + "\n"

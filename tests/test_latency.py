@@ -126,6 +126,9 @@ def test_bench_rows_project_from_steady_steps_and_bound_by_the_held_tensors_read
     assert foca["bound"] == pytest.approx(50 * 0.010 / (11 * 0.010 + 39 * 0.0002) / flops_up)
     text = bl.table([none, foca], bench.args)
     assert "| toy_dit | FoCa | N=5 | eager | 11.0 (20.0) | 1.00 (0%) |" in text
+    assert f"({foca['projected'] / flops_up:.2f}) |" in text  # a projection below the FLOPs speed-up: no mark
+    beyond = dict(foca, projected=1.1 * flops_up)  # full-step times of different probes disagreeing
+    assert f"({1.1:.2f}){BEYOND_FLOPS} |" in bl.table([none, beyond], bench.args)
     (line,) = bl.targets([none, foca], 5)
     assert line == (f"FoCa N=5 on toy_dit, eager: latency/FLOPs {foca['projected'] / flops_up:.2f} (projected); "
                     f"bound by its held tensors' read time {foca['bound']:.2f}")
