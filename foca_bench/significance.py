@@ -9,13 +9,14 @@ FID the same reference statistics), and `cell` writes `value ± half-width`, mar
 distinguishable from 0 at the 95% level. docs/statistics.md explains the method.
 """
 
+import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from evaluation.uncertainty import LEVEL, RESAMPLES, SEED, SET_RESAMPLES, paired, set_paired, set_statistic
-from foca_bench.records import atomic_write
+from foca_bench.records import atomic_write, atomic_write_json
 
 SAME = " ≈"  # the cell's mark: not distinguishable from the baseline
 NOTE = (f"± half-width of the {LEVEL:.0%} bootstrap interval over samples ({RESAMPLES} resamples; FID/IS and "
@@ -80,8 +81,27 @@ def compare(row: tuple[Path, dict], base: tuple[Path, dict], name: str) -> Optio
         if any(not np.array_equal(ar[k], ab.get(k)) for k in REFERENCE if k in ar):
             return None  # FIDs against different reference statistics: not a paired comparison
         fn, x = set_statistic(m["statistic"], ar)
-        return set_paired(x, set_statistic(mb["statistic"], ab)[1], fn, progress=f"<{name}> paired bootstrap")
+        y = set_statistic(mb["statistic"], ab)[1]
+        return _cached(rp, bp, name, lambda: set_paired(x, y, fn, progress=f"<{name}> paired bootstrap"))
     return None
+
+
+def _cached(row_path: Path, base_path: Path, name: str, compute) -> dict:
+    """A set metric's paired verdict, kept beside the row's record (`<run_id>.paired`) under a key naming the
+    metric, the baseline's arrays file and both arrays files' size and modification time, so `make tables` does not
+    resample an ImageNet FID pair again (an hour of CPU at 50k samples) until either record's arrays change."""
+    files = [arrays_path(row_path), arrays_path(base_path)]
+    key = "|".join([name, files[1].name, *(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files),
+                    f"{SET_RESAMPLES}:{SEED}:{LEVEL}"])
+    cache_file = Path(row_path).with_suffix(".paired")  # JSON; not `*.json`, which `record_files` reads as records
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # unreadable: recomputed and rewritten
+    if key not in cache:
+        cache[key] = compute()
+        atomic_write_json(cache_file, cache)
+    return cache[key]
 
 
 def baseline(rows: list[tuple[Path, dict]]) -> Optional[tuple[Path, dict]]:

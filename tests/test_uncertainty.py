@@ -1,6 +1,8 @@
 """Bootstrap intervals against closed forms, the paired test's false-positive rate and power, FID/IS against closed
 forms, and records' intervals recomputed from what they store (evaluation/uncertainty.py, foca_bench/significance.py)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -145,3 +147,31 @@ def test_records_keep_what_recomputes_their_intervals_and_compare_paired(tmp_pat
     assert compare((tmp_path / "elsewhere.json", elsewhere), rows["base"], "fid") is None  # another reference set
     other = dict(far, samples={"count": 60, "seeds": [100, 159]})  # other seeds: no paired comparison
     assert compare((rows["far"][0], other), rows["base"], "ssim") is None
+
+
+def test_a_set_metric_s_paired_verdict_is_kept_beside_the_record_until_the_arrays_change(tmp_path, monkeypatch):
+    """`make tables` compares every ImageNet row's FID with DDIM-50's by resampling (an hour of CPU at 50k): the
+    verdict is cached in `<run_id>.paired` (not read as a record), reused while both arrays files are unchanged."""
+    from foca_bench import significance
+    from foca_bench.records import record_files
+
+    rng = np.random.default_rng(7)
+    real = rng.normal(size=(200, 4))
+    stats = {"real_mu": real.mean(0), "real_sigma": np.cov(real, rowvar=False)}
+    rows = {}
+    for name, shift in (("base", 0.0), ("far", 2.0)):
+        rec = _record(rng.normal(size=30), {"features": rng.normal(shift, 1.0, size=(30, 4)), **stats})
+        path = tmp_path / "toy_fid" / "toy_dit" / name / f"{name}.json"
+        path.parent.mkdir(parents=True)
+        externalize(rec, path)
+        path.write_text("{}")
+        rows[name] = (path, rec)
+    first = compare(rows["far"], rows["base"], "fid")
+    assert first["distinguishable"] and rows["far"][0].with_suffix(".paired").is_file()
+    assert record_files(tmp_path) == sorted(p for p, _ in rows.values())  # the cache is no record
+    calls = []
+    monkeypatch.setattr(significance, "set_paired", lambda *a, **k: calls.append(1) or {"stale": True})
+    assert compare(rows["far"], rows["base"], "fid") == first and not calls  # from the cache
+    base_arrays = significance.arrays_path(rows["base"][0])
+    os.utime(base_arrays, ns=(0, base_arrays.stat().st_mtime_ns + 10**9))  # the baseline's arrays rewritten
+    assert compare(rows["far"], rows["base"], "fid") == {"stale": True} and calls == [1]  # recomputed
