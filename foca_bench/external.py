@@ -173,7 +173,9 @@ class CacheDiT:
       before every attach and after every detach.
     - cache-dit patches the transformer's `forward` (DiT, FLUX: its patch functor; `disable_cache` keeps the
       patched one) and adds attributes and a submodule (`_norm1_emb`): `detach` restores every module's instance
-      `forward` and removes what was added, so a later engine finds the model as before.
+      `forward`, removes what was added and puts every module's children back as they were (objects and order: its
+      `mock.patch` of FLUX's `single_transformer_blocks` re-inserts that list last), so a later engine finds the
+      model as before.
     - CFG: cache-dit tells a separate uncond pass by the parity of its calls (`enable_separate_cfg`, cond first);
       an `uncond` branch without `cache.separate_cfg=true` is refused.
     """
@@ -183,7 +185,8 @@ class CacheDiT:
         import cache_dit
 
         self.cfg, self.model = cfg, model
-        self._before = {m: (m.__dict__.get("forward"), set(m.__dict__), set(m._modules)) for m in model.modules()}
+        self._before = {m: (m.__dict__.get("forward"), set(m.__dict__), list(m._modules.items()))
+                        for m in model.modules()}
         calibrator = None
         if cfg.name == "cachedit_taylorseer":
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=cfg.O)
@@ -224,9 +227,10 @@ class CacheDiT:
         for module, (forward, attrs, children) in self._before.items():
             for key in set(module.__dict__) - attrs:
                 del module.__dict__[key]
-            for key in set(module._modules) - children:
-                del module._modules[key]
-            if forward is not None:
+            if list(module._modules.items()) != children:  # added, replaced or reordered children (cache-dit's
+                module._modules.clear()                      # mock.patch of `single_transformer_blocks` moves it
+                module._modules.update(children)             # to the end of FLUX's children, and FBCache's hooks
+            if forward is not None:                          # then take the wrong head and tail blocks)
                 module.forward = forward
 
 
