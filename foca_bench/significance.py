@@ -21,7 +21,7 @@ from foca_bench.records import atomic_write, atomic_write_json
 SAME = " ≈"  # the cell's mark: not distinguishable from the baseline
 NOTE = (f"± half-width of the {LEVEL:.0%} bootstrap interval over samples ({RESAMPLES} resamples; FID/IS and "
         f"VBench's total scores: {SET_RESAMPLES} resamples of the generated set's features or per-video scores; "
-        f"seed {SEED}).{SAME.strip()}: the paired "
+        f"seed {SEED}). {SAME.strip()}: the paired "
         "bootstrap difference to {baseline} on the same seeds has a 95% interval containing 0, i.e. the row is "
         "not distinguishable from it (docs/statistics.md).")
 REFERENCE = ("real_mu", "real_sigma")  # a set metric's fixed reference statistics, shared by rows that compare

@@ -117,9 +117,10 @@ def test_claim_is_exclusive_and_released_on_error(tmp_path):
 
 
 HOLD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from foca_bench.records import claim
+signal.signal(signal.SIGINT, signal.default_int_handler)  # SIGINT ignored in a background shell job
 with claim(Path(sys.argv[1])) as holder:
     assert holder is None
     print("held", flush=True)

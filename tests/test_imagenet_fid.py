@@ -83,9 +83,12 @@ def test_fid_is_are_torch_fidelitys_and_recompute_from_the_kept_arrays(files):
         assert m["interval"][0] <= estimate <= m["interval"][1]
 
 
+@pytest.mark.slow
 def test_two_rows_compare_paired_from_their_records(files, tmp_path):
     """Two tiny runs on the same seeds: `significance.compare` recomputes each row's FID/IS from the arrays file beside
-    its record and the difference is the records' difference; a row against itself is indistinguishable."""
+    its record and the difference is the records' difference; a row against itself is indistinguishable. (slow: two
+    more end-to-end ImageNet runs, 134 s at load 5; the paired numerics and the arrays files are checked in the
+    default suite by tests/test_uncertainty.py and test_fid_is_are_torch_fidelitys_and_recompute_from_the_kept_arrays)"""
     rows = {}
     for method in (("method=none",), ("method=fora", "cache.N=2")):
         path = prepare(make_cfg(*fid_overrides(files, tmp_path, *method))).record
