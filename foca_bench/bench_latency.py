@@ -146,20 +146,20 @@ class Bench:
         state: steps before which the method holds its whole state (its most bytes in the run; a TaylorSeer
         skipped step after two full steps reads 2 factors, not O+1). A run's first full step apart (`first`: it
         also allocates the method's state, once per generation). `floor`: the time to read once every tensor the
-        method holds at the end of a probe (what any skipped step of it must at least stream from memory)."""
+        method holds at the end of a probe (what any skipped step of it must at least stream from memory), taken
+        after each probe run, so no method's state outlives its run."""
         m = self.model
-        held: dict[str, list[torch.Tensor]] = {}
 
-        def probe(name: str) -> Callable[[], list]:
-            def run() -> list:
+        def probe(name: str) -> Callable[[], tuple[list, Optional[float]]]:
+            def run() -> tuple[list, Optional[float]]:
                 times: list = []
                 if name == "none":
                     self.generate({"name": "none"}, m.none_steps, backend, times=times)
-                else:
-                    cache = cache_cfg(name, m.probe_n, m.probe_warmup, self.args.order)
-                    method = self.generate(cache, m.probe_steps, backend if name in OURS else None, times=times)
-                    held[name] = method.held_tensors()
-                return times
+                    return times, None
+                cache = cache_cfg(name, m.probe_n, m.probe_warmup, self.args.order)
+                method = self.generate(cache, m.probe_steps, backend if name in OURS else None, times=times)
+                held = method.held_tensors()
+                return times, read_time(held, self.device) if held else None
 
             return run
 
@@ -174,7 +174,9 @@ class Bench:
             if done >= rounds and (settled or time.perf_counter() - started >= self.args.time_cap):
                 break
             for name, run in runs.items():  # one round: every method once
-                times = run()
+                times, floor = run()
+                if floor is not None:
+                    samples[name].setdefault("floor", []).append(floor)
                 first = next(i for i, (f, _, _) in enumerate(times) if f)
                 samples[name]["first"].append(times[first][1])
                 steady = max(h for _, _, h in times)
@@ -182,9 +184,6 @@ class Bench:
                     mine = [s for i, (f, s, h) in enumerate(times) if f == full and i != first and h == steady]
                     if mine:
                         samples[name][kind].append(statistics.median(mine))
-        for name, tensors in held.items():
-            samples[name]["floor"] = [read_time(tensors, self.device) for _ in range(5)] if tensors else []
-        held.clear()
         return samples
 
     # -- whole generations ------------------------------------------------------------------------------------
@@ -269,10 +268,6 @@ def rows_of(bench: Bench, mode: str, rows: list[str], flops: dict, steps: dict, 
     return out
 
 
-def _f(value: Optional[float], fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
-
-
 def projected_mark(row: dict) -> str:
     """§ on a projected speed-up above the FLOPs one: step times of different probe runs disagree (noise)."""
     return BEYOND_FLOPS if row["projected"] > row["flops_speedup"] else ""
@@ -309,8 +304,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"Step times: medians over probe runs interleaved round by round; spread = interquartile range / median of "
         f"the runs' medians. Marks: † samples spread more than {SPREAD:.0%}; § the paired speed-ups' lower quartile "
         "exceeds the FLOPs speed-up (an artefact; on a projection: it exceeds the FLOPs speed-up, i.e. the full-step "
-        "times of different probe runs disagree by more than the work skipped). DiT-XL/2 runs random weights (timing does not depend on their "
-        "values); its whole generations are not timed on a CPU (minutes each): its ratio is projected.",
+        "times of different probe runs disagree by more than the work skipped). DiT-XL/2 runs random weights "
+        "(timing does not depend on their values); its whole generations are not timed on a CPU (minutes each): its "
+        "ratio is projected.",
     ]
     return "\n".join(lines + [""] + notes) + "\n"
 
