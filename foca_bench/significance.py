@@ -76,20 +76,26 @@ def compare(row: tuple[Path, dict], base: tuple[Path, dict], name: str) -> Optio
         return None
     if m.get("per_sample") is not None and mb.get("per_sample") is not None:
         return paired(m["per_sample"], mb["per_sample"], m["statistic"])
-    ar, ab = load_arrays(rp, name), load_arrays(bp, name)
-    if m.get("arrays") and ar is not None and ab is not None:
+    if not (m.get("arrays") and arrays_path(rp).is_file() and arrays_path(bp).is_file()):
+        return None
+
+    def set_metric() -> Optional[dict]:  # loads the arrays (645 MB at FID-50k) only when the verdict is not cached
+        ar, ab = load_arrays(rp, name), load_arrays(bp, name)
+        if ar is None or ab is None:
+            return None
         if any(not np.array_equal(ar[k], ab.get(k)) for k in REFERENCE if k in ar):
             return None  # FIDs against different reference statistics: not a paired comparison
         fn, x = set_statistic(m["statistic"], ar)
-        y = set_statistic(mb["statistic"], ab)[1]
-        return _cached(rp, bp, name, lambda: set_paired(x, y, fn, progress=f"<{name}> paired bootstrap"))
-    return None
+        return set_paired(x, set_statistic(mb["statistic"], ab)[1], fn, progress=f"<{name}> paired bootstrap")
+
+    return _cached(rp, bp, name, set_metric)
 
 
-def _cached(row_path: Path, base_path: Path, name: str, compute) -> dict:
-    """A set metric's paired verdict, kept beside the row's record (`<run_id>.paired`) under a key naming the
-    metric, the baseline's arrays file and both arrays files' size and modification time, so `make tables` does not
-    resample an ImageNet FID pair again (an hour of CPU at 50k samples) until either record's arrays change."""
+def _cached(row_path: Path, base_path: Path, name: str, compute) -> Optional[dict]:
+    """A set metric's paired verdict (None: not comparable), kept beside the row's record (`<run_id>.paired`) under a
+    key naming the metric, the baseline's arrays file and both arrays files' size and modification time, so `make
+    tables` neither loads nor resamples an ImageNet FID pair again (an hour of CPU at 50k samples) until either
+    record's arrays change."""
     files = [arrays_path(row_path), arrays_path(base_path)]
     key = "|".join([name, files[1].name, *(f"{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files),
                     f"{SET_RESAMPLES}:{SEED}:{LEVEL}"])
